@@ -1,0 +1,200 @@
+"""The `expo-ray` command: parses options, calls the library, prints results. Nothing else."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import ExpoError
+
+DEFAULT_ALPHAS = "0.1,0.2,0.3,0.4,0.5"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s expo-ray %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "urllib3", "botocore", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ExpoGroup(click.Group):
+    """Turns ExpoError into one clear line on stderr and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ExpoError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=ExpoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="expo-ray")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """ExPO weight extrapolation on Ray: theta = aligned + alpha * (aligned - sft).
+
+    Sources are local model folders (safetensors shards with an index, config and tokenizer).
+    """
+    _setup_logging(verbose)
+
+
+def _plan_options(f):
+    options = [
+        click.option("--scale", "scales", multiple=True, metavar="PATTERN=FACTOR",
+                     help="Scale alpha for tensors whose name matches PATTERN (a glob, or re:REGEX). "
+                          "Repeatable; the first match wins."),
+        click.option("--layer-scales", metavar="EARLY,MIDDLE,LATE",
+                     help="Scale alpha per third of the decoder layers, e.g. 0.5,1,1.5."),
+        click.option("--exclude", multiple=True, metavar="PATTERN",
+                     help="Copy tensors matching PATTERN unchanged from the aligned model. Repeatable."),
+        click.option("--copy-unmatched", is_flag=True,
+                     help="Copy tensors that only the aligned model has (default: error)."),
+        click.option("--allow-added-rows", is_flag=True,
+                     help="Aligned embeddings/lm_head may have extra vocabulary rows: extrapolate the shared rows, "
+                          "copy the new ones (default: error)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.option("--sft", required=True, metavar="SRC", help="The SFT checkpoint the aligned model was trained from.")
+@click.option("--aligned", required=True, metavar="SRC", help="The aligned (DPO/RLHF) checkpoint.")
+@click.option("--alpha", "alphas", default=DEFAULT_ALPHAS, show_default=True, metavar="LIST",
+              help="Comma-separated alphas; all are computed from one read of the inputs.")
+@click.option("--out", required=True, metavar="DST", help="Destination root; one folder per alpha (alpha_0.3/ ...).")
+@_plan_options
+@click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(8, 65536),
+              help="Working-memory budget per task in MiB (bounds memory whatever the tensor sizes).")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance).")
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extrapolate(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched, allow_added_rows,
+                chunk_mib, address, dry_run, no_progress):
+    """Write one complete model folder per alpha under DST, each committed with a manifest."""
+    from .api import make_plan
+    from .extrapolate import default_command, run_plan
+    from .plan import parse_alphas, plan_summary
+
+    plan = make_plan(sft, aligned, parse_alphas(alphas), scales=scales, layer_scales=layer_scales, exclude=exclude,
+                     copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows)
+    summary = plan_summary(plan)
+    click.echo(f"plan: {summary['shards']} shard(s), {summary['bytes_per_variant'] / 1e9:.3f} GB per variant, "
+               f"tensors {summary['tensors']}, alphas {summary['alphas']}", err=True)
+    if dry_run:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    result = run_plan(plan, out, chunk_mib=chunk_mib, address=address, command=default_command(),
+                      show_progress=not no_progress)
+    for name, state in result.variants.items():
+        click.echo(f"{result.out_uri.rstrip('/')}/{name}: {state}")
+    if result.seconds:
+        click.echo(f"wrote {result.bytes_written / 1e9:.3f} GB from {result.bytes_read / 1e9:.3f} GB read "
+                   f"in {result.seconds:.1f} s", err=True)
+
+
+@main.command()
+@click.argument("src")
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(src, show_tensors, as_json):
+    """Shards, tensors, dtypes and sizes of a checkpoint (reads headers only)."""
+    from collections import Counter
+
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(src, require_config=False)
+    dtypes = Counter()
+    for loc in ckpt.tensors.values():
+        dtypes[loc.info.dtype] += loc.info.numel
+    config = ckpt.config or {}
+    info = {
+        "source": ckpt.uri,
+        "architectures": config.get("architectures"),
+        "layers": config.get("num_hidden_layers"),
+        "shards": [{"file": s, "tensors": len(h.tensors), "bytes": h.file_size} for s, h in ckpt.headers.items()],
+        "tensors": len(ckpt.tensors),
+        "parameters": sum(dtypes.values()),
+        "dtypes": dict(dtypes),
+        "bytes": ckpt.total_bytes,
+        "files": ckpt.aux_files(),
+    }
+    if show_tensors:
+        info["tensor_list"] = [{"name": n, "dtype": l.info.dtype, "shape": list(l.info.shape), "shard": l.shard}
+                               for n, l in ckpt.tensors.items()]
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['source']}: {info['architectures']} with {info['layers']} layers")
+    click.echo(f"  {info['tensors']} tensors, {info['parameters']:,} parameters, {info['bytes'] / 1e9:.3f} GB")
+    click.echo("  dtypes: " + ", ".join(f"{d} ({n:,} params)" for d, n in dtypes.items()))
+    click.echo("  files: " + (", ".join(info["files"]) or "(no config/tokenizer files)"))
+    for s in info["shards"]:
+        click.echo(f"  {s['file']}: {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB")
+    for t in info.get("tensor_list", []):
+        click.echo(f"    {t['name']}  {t['dtype']}  {t['shape']}  ({t['shard']})")
+
+
+@main.command()
+@click.argument("sft")
+@click.argument("aligned")
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lineage(sft, aligned, address, as_json):
+    """Per-layer relative change ||aligned - sft|| / ||sft||; warns if ALIGNED does not descend from SFT."""
+    from .api import make_plan
+    from .lineage import lineage as compute, lineage_warnings
+
+    plan = make_plan(sft, aligned, (1.0,), copy_unmatched=True, allow_added_rows=True)
+    groups, overall = compute(plan, address)
+    warnings = lineage_warnings(groups, overall)
+    if as_json:
+        click.echo(json.dumps({"groups": [{"group": g.group, "relative_change": g.relative, "tensors": g.tensors}
+                                          for g in groups],
+                               "overall": overall.relative, "warnings": warnings}, indent=2))
+    else:
+        click.echo(f"{'part':<14} {'tensors':>7}  relative change")
+        for g in groups + [overall]:
+            click.echo(f"{g.group:<14} {g.tensors:>7}  {g.relative:.3e}")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@main.command()
+@click.argument("dst")
+@click.option("--quick", is_flag=True, help="Check presence, sizes and headers only (no sha256).")
+def verify(dst, quick):
+    """Check a variant (or every variant under DST) against its manifest. Exit 1 on any problem."""
+    from .manifest import MANIFEST_FILE, find_variants, verify_variant
+    from .storage import open_storage
+
+    root = open_storage(dst)
+    if root.exists(MANIFEST_FILE) or any(k.endswith(".safetensors") for k in root.list() if "/" not in k):
+        folders = [""]
+    else:
+        folders = find_variants(root)
+    if not folders:
+        raise ExpoError(f"{root.describe()}: no variants found (no manifest.json or shards)")
+    failed = 0
+    for folder in folders:
+        result = verify_variant(root.child(folder) if folder else root, deep=not quick)
+        if result.ok:
+            click.echo(f"ok      {result.location} ({result.files} files, {result.bytes / 1e9:.3f} GB)")
+        else:
+            failed += 1
+            click.echo(f"FAILED  {result.location}")
+            for p in result.problems:
+                click.echo(f"  - {p}")
+    if failed:
+        click.echo(f"{failed} of {len(folders)} variant(s) failed verification", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The tiny controlled experiment behind ``expo-ray demo``, and the tiny checkpoints tests build."""

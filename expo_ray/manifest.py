@@ -1,0 +1,116 @@
+"""What a finished variant is: its files with sizes and sha256, sources, alpha; written LAST.
+
+A variant folder without manifest.json is incomplete, whatever else it holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .checkpoint import INDEX_FILE
+from .errors import ExpoError, InvalidCheckpoint, StorageError
+from .safetensors_io import read_header
+from .storage import Storage
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "expo-ray.variant/1"
+HASH_BLOCK = 16 * 1024 * 1024
+
+
+def sha256_of(storage: Storage, key: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with storage.open_reader(key) as r:
+        for offset in range(0, r.size, HASH_BLOCK):
+            h.update(r.read(offset, min(HASH_BLOCK, r.size - offset)))
+        return r.size, h.hexdigest()
+
+
+def file_record(storage: Storage, key: str, data: bytes | None = None) -> dict:
+    if data is not None:
+        return {"path": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    size, digest = sha256_of(storage, key)
+    return {"path": key, "size": size, "sha256": digest}
+
+
+def write_manifest(variant: Storage, manifest: dict) -> None:
+    variant.write_bytes(MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_manifest(variant: Storage) -> dict | None:
+    """The manifest, or None if the variant was never committed."""
+    if not variant.exists(MANIFEST_FILE):
+        return None
+    try:
+        manifest = json.loads(variant.read_bytes(MANIFEST_FILE, limit=64 * 1024 * 1024))
+    except ValueError as exc:
+        raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), list):
+        raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: not an expo-ray variant manifest")
+    return manifest
+
+
+@dataclass
+class VerifyResult:
+    location: str
+    problems: list[str]
+    files: int = 0
+    bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_variant(variant: Storage, deep: bool = True) -> VerifyResult:
+    """Check every file of a variant against its manifest (size, sha256, safetensors headers)."""
+    result = VerifyResult(variant.describe(), [])
+    try:
+        manifest = read_manifest(variant)
+    except ExpoError as exc:
+        result.problems.append(str(exc))
+        return result
+    if manifest is None:
+        result.problems.append(f"{variant.describe(MANIFEST_FILE)}: missing; the variant was never committed (incomplete or still being written)")
+        return result
+    for record in manifest["files"]:
+        key = record.get("path")
+        try:
+            if not variant.exists(key):
+                result.problems.append(f"{variant.describe(key)}: listed in the manifest but missing")
+                continue
+            size = variant.size(key)
+            if size != record.get("size"):
+                result.problems.append(f"{variant.describe(key)}: {size} bytes, manifest says {record.get('size')}")
+                continue
+            if key.endswith(".safetensors"):
+                read_header(variant, key)
+            if deep:
+                _, digest = sha256_of(variant, key)
+                if digest != record.get("sha256"):
+                    result.problems.append(f"{variant.describe(key)}: sha256 {digest[:16]}... differs from the manifest's {str(record.get('sha256'))[:16]}...")
+                    continue
+            result.files += 1
+            result.bytes += size
+        except (InvalidCheckpoint, StorageError) as exc:
+            result.problems.append(str(exc))
+    listed = {r.get("path") for r in manifest["files"]}
+    if INDEX_FILE in listed and variant.exists(INDEX_FILE):
+        try:
+            index = json.loads(variant.read_bytes(INDEX_FILE, limit=64 * 1024 * 1024))
+            for shard in set(index.get("weight_map", {}).values()):
+                if shard not in listed:
+                    result.problems.append(f"{variant.describe(INDEX_FILE)}: names {shard}, which the manifest does not list")
+        except ValueError as exc:
+            result.problems.append(f"{variant.describe(INDEX_FILE)}: not valid JSON ({exc})")
+    return result
+
+
+def find_variants(root: Storage) -> list[str]:
+    """Variant folders under `root` (those with a manifest, and those with shards but none)."""
+    folders = set()
+    for key in root.list():
+        parent, _, name = key.rpartition("/")
+        if name == MANIFEST_FILE or name.endswith(".safetensors"):
+            folders.add(parent)
+    return sorted(folders)

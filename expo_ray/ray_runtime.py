@@ -1,0 +1,99 @@
+"""Connecting to Ray (a cluster address, or a local instance) and progress across tasks."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from .errors import ExpoError
+
+log = logging.getLogger("expo_ray")
+
+
+def ensure_ray(address: str | None = None):
+    """Return the ray module, connected: to `address`, RAY_ADDRESS, or a new local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    began = time.perf_counter()
+    try:
+        ray.init(address=address, include_dashboard=False if address is None else None,
+                 logging_level=logging.WARNING, log_to_driver=True)
+    except ConnectionError as exc:
+        raise ExpoError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    log.info("Ray %s in %.1f s", "connected" if address else "started locally", time.perf_counter() - began)
+    return ray
+
+
+def _tracker_class(ray):
+    @ray.remote(num_cpus=0)
+    class ProgressTracker:
+        """Counts bytes done across tasks; the driver polls it to draw one progress bar."""
+
+        def __init__(self):
+            self.done = 0
+
+        def add(self, n: int) -> None:
+            self.done += n
+
+        def get(self) -> int:
+            return self.done
+
+    return ProgressTracker
+
+
+class ProgressBar:
+    """A tqdm bar in the driver fed by a tracker actor the tasks report to."""
+
+    def __init__(self, ray, total: int, label: str, enabled: bool = True):
+        self.ray, self.total, self.label, self.enabled = ray, total, label, enabled
+        self.tracker = None
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.tracker = _tracker_class(self.ray).remote()
+            self.bar = tqdm(total=self.total, desc=self.label, unit="B", unit_scale=True,
+                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        return self
+
+    def wait(self, refs: dict) -> list:
+        """Wait for all task refs, updating the bar; re-raises the first task error."""
+        ray = self.ray
+        pending = list(refs)
+        results = {}
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            for ref in ready:
+                results[ref] = _get(ray, ref)
+            if self.bar is not None:
+                self.bar.n = min(self.total, ray.get(self.tracker.get.remote()))
+                self.bar.refresh()
+        if self.bar is not None:
+            self.bar.n = self.total
+            self.bar.refresh()
+        return [results[r] for r in refs]
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            self.ray.kill(self.tracker)
+
+
+def _get(ray, ref):
+    """ray.get, turning a task's ExpoError back into a plain ExpoError for the user."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        cause = exc.as_instanceof_cause()
+        if isinstance(cause, ExpoError):
+            raise ExpoError(str(exc.cause) if exc.cause is not None else str(cause)) from None
+        raise

@@ -1,0 +1,211 @@
+"""One aligned shard -> one output shard per alpha, streamed in bounded chunks.
+
+Runs inside a Ray task (or inline). Reads the aligned shard and the SFT tensors it needs by
+byte range, computes every alpha from one read, writes each output shard as a stream whose
+header is known up front, and returns a small record (sizes, sha256) -- never tensors.
+Memory is bounded by `chunk_bytes`, whatever the tensor sizes.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__, kernel
+from .errors import ExpoError
+from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan, format_alpha
+from .safetensors_io import encode_header
+from .storage import Reader, Storage, Writer, open_storage
+
+# Input chunks in flight (current + prefetched) and output buffer sets (being computed + being written).
+INPUT_BUFFERS = 2
+OUTPUT_BUFFERS = 2
+MIN_CHUNK_ELEMENTS = 4096
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a task needs, small enough to send to a Ray worker."""
+
+    shard: ShardPlan
+    sft_uri: str
+    aligned_uri: str
+    out_uri: str
+    alphas: tuple[float, ...]
+    variants: tuple[str, ...]   # folder per alpha, relative to out_uri
+    metadata: dict              # aligned shard metadata to keep in the output header
+    chunk_bytes: int
+
+
+def chunk_elements(chunk_bytes: int, itemsize: int, n_alphas: int) -> int:
+    """Elements per chunk so that all live buffers fit in `chunk_bytes`."""
+    per_element = itemsize * (2 * INPUT_BUFFERS + OUTPUT_BUFFERS * n_alphas)
+    return max(MIN_CHUNK_ELEMENTS, chunk_bytes // per_element // 64 * 64)
+
+
+def output_header(job: ShardJob, alpha: float) -> bytes:
+    metadata = dict(job.metadata)
+    metadata.setdefault("format", "pt")
+    metadata.update({
+        "expo_ray.version": __version__,
+        "expo_ray.alpha": format_alpha(alpha),
+        "expo_ray.sft": job.sft_uri,
+        "expo_ray.aligned": job.aligned_uri,
+    })
+    header, _ = encode_header([(t.name, t.dtype, t.shape) for t in job.shard.tensors], metadata)
+    return header
+
+
+class _Outputs:
+    """The per-alpha output streams: write order, sha256 and size of each."""
+
+    def __init__(self, writers: list[Writer]):
+        self.writers = writers
+        self.hashes = [hashlib.sha256() for _ in writers]
+        self.sizes = [0] * len(writers)
+
+    def write(self, i: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self.writers[i].write(view)
+        self.hashes[i].update(view)
+        self.sizes[i] += len(view)
+
+    def commit(self) -> None:
+        for w in self.writers:
+            w.commit()
+
+    def abort(self) -> None:
+        for w in self.writers:
+            try:
+                w.abort()
+            except Exception:  # noqa: BLE001 - best effort cleanup after the real error
+                pass
+
+
+def _ranges(t: TensorPlan, step: int):
+    """(start, count) element ranges covering tensor t."""
+    total = t.aligned.info.numel
+    for start in range(0, total, step):
+        yield start, min(step, total - start)
+
+
+def run_shard(job: ShardJob, progress=None) -> dict:
+    """Execute one shard; returns {"shard", "files": {variant: {size, sha256}}, timings}."""
+    t_start = time.perf_counter()
+    aligned_store = open_storage(job.aligned_uri)
+    sft_store = open_storage(job.sft_uri)
+    out_store = open_storage(job.out_uri)
+    readers: dict[tuple[str, str], Reader] = {}
+
+    def reader(which: str, shard: str) -> Reader:
+        if (which, shard) not in readers:
+            store = aligned_store if which == "aligned" else sft_store
+            readers[(which, shard)] = store.open_reader(shard)
+        return readers[(which, shard)]
+
+    writers = []
+    try:
+        for variant in job.variants:
+            writers.append(out_store.open_writer(f"{variant}/{job.shard.key}"))
+    except Exception:
+        for w in writers:
+            w.abort()
+        raise
+    outputs = _Outputs(writers)
+    compute_s = 0.0
+    io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="expo-io")
+    try:
+        for i, alpha in enumerate(job.alphas):
+            outputs.write(i, output_header(job, alpha))
+        for t in job.shard.tensors:
+            compute_s += _stream_tensor(job, t, reader, outputs, io_pool, progress)
+        outputs.commit()
+    except BaseException:
+        outputs.abort()
+        raise
+    finally:
+        io_pool.shutdown(wait=True)
+        for r in readers.values():
+            r.close()
+    return {
+        "shard": job.shard.key,
+        "files": {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest()} for i, v in enumerate(job.variants)},
+        "bytes_read": job.shard.nbytes + sum(t.sft.info.nbytes for t in job.shard.tensors if t.sft is not None),
+        "seconds": time.perf_counter() - t_start,
+        "compute_seconds": compute_s,
+    }
+
+
+def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_pool, progress) -> float:
+    """Stream one tensor through the kernel chunk by chunk; returns seconds spent computing."""
+    info = t.aligned.info
+    n_alpha = len(job.alphas)
+    effective = [a * t.scale for a in job.alphas]
+    needs_compute = t.action in (EXTRAPOLATE, EXTEND_ROWS) and any(e != 0.0 for e in effective)
+    needs_sft = needs_compute or t.action == COPY_IDENTICAL
+    itemsize = info.itemsize
+    step = chunk_elements(job.chunk_bytes, itemsize, n_alpha)
+    shared = t.shared_rows * (info.numel // info.shape[0]) if t.action == EXTEND_ROWS else info.numel
+    bits = kernel.bits_dtype(t.dtype) if needs_compute else None
+
+    a_reader = reader("aligned", t.aligned.shard)
+    s_reader = reader("sft", t.sft.shard) if needs_sft else None
+
+    def read(start: int, count: int):
+        a = a_reader.read(info.start + start * itemsize, count * itemsize)
+        s = None
+        if needs_sft and start < shared:
+            n = min(count, shared - start)
+            s = s_reader.read(t.sft.info.start + start * itemsize, n * itemsize)
+        return a, s
+
+    out_sets = [None] * OUTPUT_BUFFERS
+    writes = [None] * OUTPUT_BUFFERS
+    compute_s = 0.0
+    ranges = list(_ranges(t, step))
+    next_read = io_pool.submit(read, *ranges[0]) if ranges else None
+    for k, (start, count) in enumerate(ranges):
+        a_bytes, s_bytes = next_read.result()
+        if k + 1 < len(ranges):
+            next_read = io_pool.submit(read, *ranges[k + 1])
+        slot = k % OUTPUT_BUFFERS
+        if writes[slot] is not None:
+            writes[slot].result()  # the buffers of this slot are free again
+        if t.action == COPY_IDENTICAL and a_bytes != s_bytes:
+            raise ExpoError(f"tensor {t.name} ({t.dtype}, not a float type) differs between the SFT and aligned models; "
+                            "non-float tensors are copied and must be identical")
+        if not needs_compute:
+            chunks = [a_bytes] * n_alpha
+        else:
+            began = time.perf_counter()
+            chunks = _compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot)
+            compute_s += time.perf_counter() - began
+        writes[slot] = io_pool.submit(_write_all, outputs, chunks)
+        if progress is not None:
+            progress(count * itemsize)
+    for w in writes:
+        if w is not None:
+            w.result()
+    return compute_s
+
+
+def _compute_chunk(t: TensorPlan, bits, a_bytes, s_bytes, effective, count, out_sets, slot):
+    a = np.frombuffer(a_bytes, dtype=bits)
+    n_shared = 0 if s_bytes is None else len(s_bytes) // a.itemsize
+    if out_sets[slot] is None or len(out_sets[slot][0]) < count:
+        out_sets[slot] = [np.empty(count, dtype=bits) for _ in effective]
+    outs = [o[:count] for o in out_sets[slot]]
+    if n_shared:
+        s = np.frombuffer(s_bytes, dtype=bits)
+        kernel.extrapolate_into(t.dtype, a[:n_shared], s, effective, [o[:n_shared] for o in outs])
+    for o in outs:  # rows only the aligned model has (added vocabulary) are copied
+        o[n_shared:] = a[n_shared:]
+    return outs
+
+
+def _write_all(outputs: _Outputs, chunks) -> None:
+    for i, data in enumerate(chunks):
+        outputs.write(i, data)

@@ -1,0 +1,107 @@
+"""The storage interface every backend implements (local folders now; S3 and the Hub next).
+
+Paths passed to a Storage are relative, '/'-separated keys inside its root. Backends must
+refuse keys that escape the root (absolute paths, '..' parts).
+"""
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+
+from ..errors import StorageError
+
+
+def clean_key(key: str) -> str:
+    """Normalise a relative key and refuse anything that could escape the storage root."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise StorageError(f"unsafe path {key!r}: must be a relative path inside the folder")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"unsafe path {key!r}: '.', '..' and empty parts are not allowed")
+    return posixpath.join(*parts)
+
+
+class Reader(ABC):
+    """Random access to one object: byte ranges by offset."""
+
+    size: int
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`; raises StorageError if the object is shorter."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Writer(ABC):
+    """A streaming writer whose object appears under its final name only on commit()."""
+
+    @abstractmethod
+    def write(self, data) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make the object visible under its final key (atomic)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written; nothing becomes visible."""
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class Storage(ABC):
+    """A root location (folder, bucket prefix, hub repo) holding objects by relative key."""
+
+    uri: str
+
+    @abstractmethod
+    def open_reader(self, key: str) -> Reader: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under `prefix` (recursive), sorted."""
+
+    @abstractmethod
+    def open_writer(self, key: str) -> Writer: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """A whole (small) object; `limit` refuses objects larger than that many bytes."""
+        with self.open_reader(key) as r:
+            if limit is not None and r.size > limit:
+                raise StorageError(f"{self.describe(key)}: {r.size} bytes, larger than the {limit}-byte limit for this kind of file")
+            return r.read(0, r.size)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self.open_writer(key) as w:
+            w.write(data)
+            w.commit()
+
+    def child(self, prefix: str) -> "Storage":
+        """A storage rooted at `prefix` inside this one."""
+        raise NotImplementedError
+
+    def describe(self, key: str = "") -> str:
+        """A human-readable location for messages."""
+        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri

@@ -1,0 +1,117 @@
+"""Local-folder storage: positional reads, temp-file + rename writes."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from ..errors import StorageError
+from .base import Reader, Storage, Writer, clean_key
+
+TEMP_MARK = ".expo-partial-"
+
+
+class LocalReader(Reader):
+    def __init__(self, path: Path, label: str):
+        self.label = label
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StorageError(f"{label}: file not found") from None
+        except OSError as exc:
+            raise StorageError(f"{label}: cannot open ({exc.strerror})") from None
+        self.size = os.fstat(self._fd).st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise StorageError(f"{self.label}: read of {length} bytes at offset {offset} is past the end of the file ({self.size} bytes); the file is truncated or its header lies")
+        chunks = []
+        while length > 0:
+            data = os.pread(self._fd, length, offset)
+            if not data:
+                raise StorageError(f"{self.label}: file shrank while reading (offset {offset})")
+            chunks.append(data)
+            offset += len(data)
+            length -= len(data)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalWriter(Writer):
+    def __init__(self, final: Path, label: str):
+        self.final = final
+        self.label = label
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = final.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{final.name}")
+        self._f = open(self.temp, "wb")
+
+    def write(self, data) -> None:
+        self._f.write(data)
+
+    def commit(self) -> None:
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.temp, self.final)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"{self.label}: cannot write ({exc.strerror})") from None
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        try:
+            self.temp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / clean_key(key)
+
+    def open_reader(self, key: str) -> LocalReader:
+        return LocalReader(self._path(key), self.describe(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"{self.describe(key)}: file not found") from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def open_writer(self, key: str) -> LocalWriter:
+        try:
+            return LocalWriter(self._path(key), self.describe(key))
+        except OSError as exc:
+            raise StorageError(f"{self.describe(key)}: cannot write ({exc.strerror})") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def child(self, prefix: str) -> "LocalStorage":
+        return LocalStorage(self._path(prefix))

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository and installs expo-ray with what the tests and demo need.
+# Re-running is cheap: nothing is reinstalled unless pyproject.toml or setup.py changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+VENV=.venv
+STAMP="$VENV/.expo-ray-stamp"
+want="$(cat pyproject.toml setup.py scripts/bootstrap.sh expo_ray/_kernel.c 2>/dev/null | sha256sum | cut -c1-16)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+  exit 0
+fi
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip setuptools wheel
+# CPU build of torch first, so no dependency pulls a multi-GB CUDA build.
+"${PIP[@]}" install "torch==2.13.0"
+"${PIP[@]}" install -e ".[test]"
+"$VENV/bin/python" -c "import expo_ray.kernel as k; print('expo-ray kernel backend:', k.backend())"
+echo "$want" > "$STAMP"
