@@ -17,7 +17,7 @@ def make_plan(sft: str, aligned: str, alphas: Sequence[float], *, scales: Sequen
     return build_plan(Checkpoint.open(sft), Checkpoint.open(aligned), tuple(float(a) for a in alphas), rules, options)
 
 
-def extrapolate(sft: str, aligned: str, alphas: Sequence[float], out: str, *, chunk_mib: int = DEFAULT_CHUNK_MIB,
+def extrapolate(sft: str, aligned: str, alphas: Sequence[float], out: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB,
                 address: str | None = None, command: str | None = None, show_progress: bool = True,
                 **plan_options) -> ExtrapolationResult:
     """Write one committed variant folder per alpha under `out`."""

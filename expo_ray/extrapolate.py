@@ -48,7 +48,7 @@ def _shard_task(job: ShardJob, tracker):
     return run_shard(job, progress)
 
 
-def run_plan(plan: Plan, out_uri: str, *, chunk_mib: int = DEFAULT_CHUNK_MIB, address: str | None = None,
+def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, address: str | None = None,
              command: str | None = None, show_progress: bool = True) -> ExtrapolationResult:
     """Write every variant of `plan` under `out_uri`, skipping variants already committed."""
     began = time.perf_counter()
@@ -70,7 +70,7 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: int = DEFAULT_CHUNK_MIB, ad
         return result
 
     ray = ensure_ray(address)
-    chunk_bytes = chunk_mib * 1024 * 1024
+    chunk_bytes = int(chunk_mib * 1024 * 1024)
     names = tuple(variant_name(a) for a in todo)
     aligned_store = open_storage(plan.aligned_uri)
     jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names,
@@ -80,9 +80,10 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: int = DEFAULT_CHUNK_MIB, ad
     log.info("extrapolating %d shard(s), %.2f GB per variant, %d variant(s): %s",
              len(jobs), total / 1e9, len(todo), ", ".join(names))
     with ProgressBar(ray, total, "extrapolate", enabled=show_progress) as bar:
-        task = ray.remote(_shard_task).options(
-            memory=TASK_BASE_MEMORY + chunk_bytes, max_retries=TASK_MAX_RETRIES, retry_exceptions=False)
-        refs = {task.options(name=f"extrapolate:{j.shard.key}").remote(j, bar.tracker): j for j in jobs}
+        task = ray.remote(_shard_task)
+        refs = {task.options(name=f"extrapolate:{j.shard.key}", memory=TASK_BASE_MEMORY + chunk_bytes,
+                             max_retries=TASK_MAX_RETRIES, retry_exceptions=False).remote(j, bar.tracker): j
+                for j in jobs}
         records = bar.wait(refs)
 
     for alpha, name in zip(todo, names):

@@ -85,6 +85,12 @@ class _Outputs:
                 pass
 
 
+@dataclass(frozen=True)
+class _IO:
+    reader: ThreadPoolExecutor
+    writer: ThreadPoolExecutor
+
+
 def _ranges(t: TensorPlan, step: int):
     """(start, count) element ranges covering tensor t."""
     total = t.aligned.info.numel
@@ -116,7 +122,9 @@ def run_shard(job: ShardJob, progress=None) -> dict:
         raise
     outputs = _Outputs(writers)
     compute_s = 0.0
-    io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="expo-io")
+    # One reader thread prefetches the next chunk; one writer thread writes chunks strictly in order.
+    io_pool = _IO(ThreadPoolExecutor(1, thread_name_prefix="expo-read"),
+                  ThreadPoolExecutor(1, thread_name_prefix="expo-write"))
     try:
         for i, alpha in enumerate(job.alphas):
             outputs.write(i, output_header(job, alpha))
@@ -124,10 +132,12 @@ def run_shard(job: ShardJob, progress=None) -> dict:
             compute_s += _stream_tensor(job, t, reader, outputs, io_pool, progress)
         outputs.commit()
     except BaseException:
+        io_pool.writer.shutdown(wait=True)  # no write may race the cleanup
         outputs.abort()
         raise
     finally:
-        io_pool.shutdown(wait=True)
+        io_pool.reader.shutdown(wait=True)
+        io_pool.writer.shutdown(wait=True)
         for r in readers.values():
             r.close()
     return {
@@ -166,11 +176,11 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
     writes = [None] * OUTPUT_BUFFERS
     compute_s = 0.0
     ranges = list(_ranges(t, step))
-    next_read = io_pool.submit(read, *ranges[0]) if ranges else None
+    next_read = io_pool.reader.submit(read, *ranges[0]) if ranges else None
     for k, (start, count) in enumerate(ranges):
         a_bytes, s_bytes = next_read.result()
         if k + 1 < len(ranges):
-            next_read = io_pool.submit(read, *ranges[k + 1])
+            next_read = io_pool.reader.submit(read, *ranges[k + 1])
         slot = k % OUTPUT_BUFFERS
         if writes[slot] is not None:
             writes[slot].result()  # the buffers of this slot are free again
@@ -183,7 +193,7 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
             began = time.perf_counter()
             chunks = _compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot)
             compute_s += time.perf_counter() - began
-        writes[slot] = io_pool.submit(_write_all, outputs, chunks)
+        writes[slot] = io_pool.writer.submit(_write_all, outputs, chunks)
         if progress is not None:
             progress(count * itemsize)
     for w in writes:
