@@ -1,4 +1,9 @@
-"""Executes a plan on Ray: one task per aligned shard, then commits each variant, manifest last."""
+"""Executes a plan on Ray: one task per aligned shard, then commits each variant, manifest last.
+
+Re-running the same job is safe and cheap: committed variants are skipped, output shards an
+interrupted run finished are re-verified and kept, leftovers of interrupted writes are removed,
+and the outputs are byte-identical to an uninterrupted run.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,20 +16,22 @@ from datetime import datetime, timezone
 
 from . import __version__
 from .checkpoint import INDEX_FILE
-from .errors import ExpoError
-from .manifest import FORMAT, file_record, read_manifest, write_manifest
+from .errors import ExpoError, StorageError
+from .manifest import FORMAT, MANIFEST_FILE, file_record, find_variants, read_manifest, write_manifest
 from .modelcard import model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray
-from .shard_task import ShardJob, run_shard
+from .safetensors_io import read_header
+from .shard_task import RECEIPTS, ShardJob, receipt_key, run_shard
 from .storage import Storage, open_storage
 
 log = logging.getLogger("expo_ray")
 
 DEFAULT_CHUNK_MIB = 256
-# Memory Ray reserves per task beyond the chunk buffers (interpreter, libraries, readers).
+# Memory Ray reserves per task beyond the chunk and upload buffers (interpreter, libraries).
 TASK_BASE_MEMORY = 512 * 1024 * 1024
 TASK_MAX_RETRIES = 3
+ROOT_INDEX = "expo-ray-index.json"
 
 
 @dataclass
@@ -34,10 +41,11 @@ class ExtrapolationResult:
     seconds: float = 0.0
     bytes_written: int = 0
     bytes_read: int = 0
+    shards_resumed: int = 0
 
 
 def variant_fingerprint(plan: Plan, alpha: float) -> str:
-    """Same inputs, alpha, rules and options -> same id; used to skip finished variants."""
+    """Same inputs, alpha, rules and options -> same id; used to skip finished work."""
     ident = json.dumps([plan.source_fingerprint, format_alpha(alpha), plan.rules.describe(),
                         sorted(plan_summary(plan)["options"].items())])
     return hashlib.sha256(ident.encode()).hexdigest()
@@ -50,7 +58,7 @@ def _shard_task(job: ShardJob, tracker):
 
 def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, address: str | None = None,
              command: str | None = None, show_progress: bool = True) -> ExtrapolationResult:
-    """Write every variant of `plan` under `out_uri`, skipping variants already committed."""
+    """Write every variant of `plan` under `out_uri`, skipping work already done."""
     began = time.perf_counter()
     out = open_storage(out_uri)
     result = ExtrapolationResult(out.uri)
@@ -67,13 +75,20 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
             raise ExpoError(f"{out.describe(name)}: holds a committed variant made from other inputs or settings; "
                             "choose another --out or remove it")
     if not todo:
+        write_root_index(out)
         return result
+
+    names = tuple(variant_name(a) for a in todo)
+    fingerprints = tuple(variant_fingerprint(plan, a) for a in todo)
+    cleaned = sum(out.cleanup_incomplete(n) for n in names)
+    if cleaned:
+        log.info("removed %d incomplete upload(s)/file(s) left by an interrupted run", cleaned)
 
     ray = ensure_ray(address)
     chunk_bytes = int(chunk_mib * 1024 * 1024)
-    names = tuple(variant_name(a) for a in todo)
+    memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
     aligned_store = open_storage(plan.aligned_uri)
-    jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names,
+    jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,
                      _shard_metadata(aligned_store, shard.key), chunk_bytes)
             for shard in plan.shards]
     total = sum(s.nbytes for s in plan.shards)
@@ -81,31 +96,35 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
              len(jobs), total / 1e9, len(todo), ", ".join(names))
     with ProgressBar(ray, total, "extrapolate", enabled=show_progress) as bar:
         task = ray.remote(_shard_task)
-        refs = {task.options(name=f"extrapolate:{j.shard.key}", memory=TASK_BASE_MEMORY + chunk_bytes,
+        refs = {task.options(name=f"extrapolate:{j.shard.key}", memory=memory,
                              max_retries=TASK_MAX_RETRIES, retry_exceptions=False).remote(j, bar.tracker): j
                 for j in jobs}
         records = bar.wait(refs)
+    result.shards_resumed = sum(len(r["resumed"]) for r in records)
+    if result.shards_resumed:
+        log.info("resumed: %d output shard(s) were already written by an earlier run and verified",
+                 result.shards_resumed)
 
-    for alpha, name in zip(todo, names):
-        _commit_variant(plan, out.child(name), alpha, records, command, variant_fingerprint(plan, alpha))
-        result.variants[name] = "written"
-    result.bytes_written = sum(f["size"] for r in records for f in r["files"].values())
+    for alpha, name, fingerprint in zip(todo, names, fingerprints):
+        result.variants[name] = _commit_variant(plan, out, name, alpha, records, command, fingerprint)
+        for r in records:
+            out.delete(receipt_key(name, r["shard"]))
+    write_root_index(out)
+    result.bytes_written = sum(r["files"][n]["size"] for r in records for n in names if n not in r["resumed"])
     result.bytes_read = sum(r["bytes_read"] for r in records)
     result.seconds = time.perf_counter() - began
     return result
 
 
 def _shard_metadata(store: Storage, key: str) -> dict:
-    from .safetensors_io import read_header
-
     meta = dict(read_header(store, key).metadata)
     return {k: v for k, v in meta.items() if not k.startswith("expo_ray.")}
 
 
-def _commit_variant(plan: Plan, variant: Storage, alpha: float, records: list[dict], command: str | None,
-                    fingerprint: str) -> None:
-    """Index, config and tokenizer files, model card, then the manifest LAST."""
-    name = variant_name(alpha)
+def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], command: str | None,
+                    fingerprint: str) -> str:
+    """Index, config and tokenizer files, model card, then the manifest LAST (create-if-absent)."""
+    variant = out.child(name)
     files = [{"path": r["shard"], **r["files"][name]} for r in records]
     index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
     index_bytes = (json.dumps(index, indent=2) + "\n").encode()
@@ -131,10 +150,43 @@ def _commit_variant(plan: Plan, variant: Storage, alpha: float, records: list[di
         "rules": plan.rules.describe(),
         "options": plan_summary(plan)["options"],
         "tensors": dict(plan.counts),
+        "bytes": sum(f["size"] for f in files),
         "files": files,
     }
-    write_manifest(variant, manifest)
+    try:
+        write_manifest(variant, manifest)
+    except StorageError:
+        existing = read_manifest(variant)
+        if existing is not None and existing.get("fingerprint") == fingerprint:
+            log.info("%s: committed meanwhile by a concurrent run with the same inputs", variant.describe())
+            return "already complete"
+        raise
     log.info("committed %s", variant.describe())
+    return "written"
+
+
+def write_root_index(out: Storage) -> None:
+    """`expo-ray-index.json` at the destination root: every variant and its state (informational;
+    a variant's own manifest is the truth)."""
+    entries = []
+    for folder in find_variants(out):
+        if not folder or folder.startswith(RECEIPTS.split("/")[0]):
+            continue
+        try:
+            manifest = read_manifest(out.child(folder))
+        except ExpoError:
+            manifest = None
+        entries.append({
+            "variant": folder,
+            "state": "committed" if manifest else "incomplete",
+            "alpha": manifest.get("alpha") if manifest else None,
+            "sources": manifest.get("sources") if manifest else None,
+            "bytes": manifest.get("bytes") if manifest else None,
+            "created": manifest.get("created") if manifest else None,
+        })
+    index = {"format": "expo-ray.index/1", "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "variants": entries}
+    out.write_bytes(ROOT_INDEX, (json.dumps(index, indent=2) + "\n").encode())
 
 
 def default_command() -> str:

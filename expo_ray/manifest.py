@@ -34,7 +34,8 @@ def file_record(storage: Storage, key: str, data: bytes | None = None) -> dict:
 
 
 def write_manifest(variant: Storage, manifest: dict) -> None:
-    variant.write_bytes(MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    """Create the manifest; fails (StorageError) if one exists, so two runs cannot both commit."""
+    variant.write_bytes(MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode(), if_absent=True)
 
 
 def read_manifest(variant: Storage) -> dict | None:

@@ -7,7 +7,9 @@ Memory is bounded by `chunk_bytes`, whatever the tensor sizes.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import numpy as np
 from . import __version__, kernel
 from .errors import ExpoError
 from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan, format_alpha
+from .manifest import sha256_of
 from .safetensors_io import encode_header
 from .storage import Reader, Storage, Writer, open_storage
 
@@ -36,6 +39,7 @@ class ShardJob:
     out_uri: str
     alphas: tuple[float, ...]
     variants: tuple[str, ...]   # folder per alpha, relative to out_uri
+    fingerprints: tuple[str, ...]  # identity of each variant (inputs, alpha, rules), for resume
     metadata: dict              # aligned shard metadata to keep in the output header
     chunk_bytes: int
 
@@ -98,12 +102,65 @@ def _ranges(t: TensorPlan, step: int):
         yield start, min(step, total - start)
 
 
+RECEIPTS = ".expo-ray/receipts"
+
+
+def receipt_key(variant: str, shard: str) -> str:
+    """Where a finished output shard's receipt lives (relative to the destination root)."""
+    return f"{RECEIPTS}/{variant}/{shard}.json"
+
+
+def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str) -> dict | None:
+    """The record of an output shard an earlier run finished, re-verified; None if not done."""
+    key = receipt_key(variant, shard)
+    if not out_store.exists(key):
+        return None
+    try:
+        receipt = json.loads(out_store.read_bytes(key, limit=1 << 20))
+    except ValueError:
+        return None
+    if receipt.get("fingerprint") != fingerprint or not out_store.exists(f"{variant}/{shard}"):
+        return None
+    size, digest = sha256_of(out_store, f"{variant}/{shard}")
+    if size != receipt.get("size") or digest != receipt.get("sha256"):
+        return None
+    return {"size": size, "sha256": digest}
+
+
 def run_shard(job: ShardJob, progress=None) -> dict:
-    """Execute one shard; returns {"shard", "files": {variant: {size, sha256}}, timings}."""
+    """Execute one shard; returns {"shard", "files": {variant: {size, sha256}}, "resumed": [...], timings}.
+
+    Output shards that an interrupted earlier run finished (receipt present, content re-hashed
+    and matching) are kept; only the missing alphas are computed.
+    """
     t_start = time.perf_counter()
+    out_store = open_storage(job.out_uri)
+    files, resumed = {}, []
+    for variant, fingerprint in zip(job.variants, job.fingerprints):
+        record = _finished(out_store, variant, job.shard.key, fingerprint)
+        if record is not None:
+            files[variant] = record
+            resumed.append(variant)
+    todo = [i for i, v in enumerate(job.variants) if v not in files]
+    stats = {"bytes_read": 0, "compute_seconds": 0.0}
+    if todo:
+        sub = dataclasses.replace(job, alphas=tuple(job.alphas[i] for i in todo),
+                                  variants=tuple(job.variants[i] for i in todo),
+                                  fingerprints=tuple(job.fingerprints[i] for i in todo))
+        written, stats = _compute_shard(sub, out_store, progress)
+        for variant, fingerprint in zip(sub.variants, sub.fingerprints):
+            files[variant] = written[variant]
+            receipt = dict(written[variant], fingerprint=fingerprint)
+            out_store.write_bytes(receipt_key(variant, job.shard.key), json.dumps(receipt).encode())
+    elif progress is not None:
+        progress(job.shard.nbytes)
+    return {"shard": job.shard.key, "files": {v: files[v] for v in job.variants}, "resumed": resumed,
+            "seconds": time.perf_counter() - t_start, **stats}
+
+
+def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, dict]:
     aligned_store = open_storage(job.aligned_uri)
     sft_store = open_storage(job.sft_uri)
-    out_store = open_storage(job.out_uri)
     readers: dict[tuple[str, str], Reader] = {}
 
     def reader(which: str, shard: str) -> Reader:
@@ -112,10 +169,12 @@ def run_shard(job: ShardJob, progress=None) -> dict:
             readers[(which, shard)] = store.open_reader(shard)
         return readers[(which, shard)]
 
+    headers = [output_header(job, alpha) for alpha in job.alphas]
+    size = len(headers[0]) + job.shard.nbytes if headers else None
     writers = []
     try:
         for variant in job.variants:
-            writers.append(out_store.open_writer(f"{variant}/{job.shard.key}"))
+            writers.append(out_store.open_writer(f"{variant}/{job.shard.key}", size_hint=size))
     except Exception:
         for w in writers:
             w.abort()
@@ -126,10 +185,11 @@ def run_shard(job: ShardJob, progress=None) -> dict:
     io_pool = _IO(ThreadPoolExecutor(1, thread_name_prefix="expo-read"),
                   ThreadPoolExecutor(1, thread_name_prefix="expo-write"))
     try:
-        for i, alpha in enumerate(job.alphas):
-            outputs.write(i, output_header(job, alpha))
+        for i, header in enumerate(headers):
+            outputs.write(i, header)
         for t in job.shard.tensors:
             compute_s += _stream_tensor(job, t, reader, outputs, io_pool, progress)
+        io_pool.writer.submit(lambda: None).result()
         outputs.commit()
     except BaseException:
         io_pool.writer.shutdown(wait=True)  # no write may race the cleanup
@@ -140,13 +200,9 @@ def run_shard(job: ShardJob, progress=None) -> dict:
         io_pool.writer.shutdown(wait=True)
         for r in readers.values():
             r.close()
-    return {
-        "shard": job.shard.key,
-        "files": {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest()} for i, v in enumerate(job.variants)},
-        "bytes_read": job.shard.nbytes + sum(t.sft.info.nbytes for t in job.shard.tensors if t.sft is not None),
-        "seconds": time.perf_counter() - t_start,
-        "compute_seconds": compute_s,
-    }
+    written = {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest()} for i, v in enumerate(job.variants)}
+    read = job.shard.nbytes + sum(t.sft.info.nbytes for t in job.shard.tensors if t.sft is not None)
+    return written, {"bytes_read": read, "compute_seconds": compute_s}
 
 
 def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_pool, progress) -> float:

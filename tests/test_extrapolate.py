@@ -96,7 +96,7 @@ def test_rules_and_added_rows(ray_local, pair_factory, tmp_path):
     assert same_bits(out["model.norm.weight"], aligned["model.norm.weight"])
     assert same_bits(out["model.layers.0.mlp.up_proj.weight"], reference(aligned["model.layers.0.mlp.up_proj.weight"], sft["model.layers.0.mlp.up_proj.weight"], 0.4 * 3))
     assert same_bits(out["model.layers.0.self_attn.q_proj.weight"], reference(aligned["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"], 0.4 * 0.5))
-    assert same_bits(out["model.layers.1.self_attn.q_proj.weight"], reference(aligned["model.layers.1.self_attn.q_proj.weight"], sft["model.layers.1.self_attn.q_proj.weight"], 0.4 * 2))
+    assert same_bits(out["model.layers.1.self_attn.q_proj.weight"], reference(aligned["model.layers.1.self_attn.q_proj.weight"], sft["model.layers.1.self_attn.q_proj.weight"], 0.4))  # 2 layers: layer 1 is in the middle third
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         rows = sft[name].shape[0]
         assert same_bits(out[name][:rows], reference(aligned[name][:rows], sft[name], 0.4))

@@ -1,4 +1,4 @@
-"""Storage by URI: local paths now; s3:// and hf:// plug in behind the same interface."""
+"""Storage by URI: local paths, s3://bucket/prefix, hf://org/name[@revision] (read-only)."""
 from __future__ import annotations
 
 from ..errors import StorageError
@@ -9,10 +9,17 @@ __all__ = ["Reader", "Storage", "Writer", "clean_key", "open_storage", "LocalSto
 
 
 def open_storage(uri: str) -> Storage:
-    """The storage rooted at `uri` (a local path or file:// URI)."""
+    """The storage rooted at `uri`."""
+    if uri.startswith("s3://"):
+        from .s3 import S3Storage, parse_s3_uri
+
+        return S3Storage(*parse_s3_uri(uri))
+    if uri.startswith("hf://"):
+        from .hub import HubStorage, parse_hf_uri
+
+        return HubStorage(*parse_hf_uri(uri))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise StorageError(f"{uri}: the {scheme}:// scheme is not supported yet (local paths only)")
+        raise StorageError(f"{uri}: unsupported scheme (use a local path, s3://bucket/prefix or hf://org/name)")
     return LocalStorage(uri)

@@ -66,6 +66,7 @@ class Storage(ABC):
     """A root location (folder, bucket prefix, hub repo) holding objects by relative key."""
 
     uri: str
+    write_buffer_bytes: int = 0  # memory an open writer may hold (object stores buffer parts)
 
     @abstractmethod
     def open_reader(self, key: str) -> Reader: ...
@@ -81,10 +82,17 @@ class Storage(ABC):
         """All keys under `prefix` (recursive), sorted."""
 
     @abstractmethod
-    def open_writer(self, key: str) -> Writer: ...
+    def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> Writer:
+        """A streaming writer for `key`. `size_hint` (the final size, if known) lets object stores
+        choose part sizes; with `if_absent` the commit fails with StorageError if `key` exists
+        (exactly-once creation, used for manifests)."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
+
+    def cleanup_incomplete(self, prefix: str = "") -> int:
+        """Remove leftovers of interrupted writes under `prefix`; returns how many."""
+        return 0
 
     def read_bytes(self, key: str, limit: int | None = None) -> bytes:
         """A whole (small) object; `limit` refuses objects larger than that many bytes."""
@@ -93,8 +101,8 @@ class Storage(ABC):
                 raise StorageError(f"{self.describe(key)}: {r.size} bytes, larger than the {limit}-byte limit for this kind of file")
             return r.read(0, r.size)
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        with self.open_writer(key) as w:
+    def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> None:
+        with self.open_writer(key, size_hint=len(data), if_absent=if_absent) as w:
             w.write(data)
             w.commit()
 

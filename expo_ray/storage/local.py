@@ -42,9 +42,10 @@ class LocalReader(Reader):
 
 
 class LocalWriter(Writer):
-    def __init__(self, final: Path, label: str):
+    def __init__(self, final: Path, label: str, if_absent: bool = False):
         self.final = final
         self.label = label
+        self.if_absent = if_absent
         final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = final.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{final.name}")
         self._f = open(self.temp, "wb")
@@ -57,7 +58,14 @@ class LocalWriter(Writer):
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
-            os.replace(self.temp, self.final)
+            if self.if_absent:
+                os.link(self.temp, self.final)  # fails if the final name exists: exactly-once
+                self.temp.unlink()
+            else:
+                os.replace(self.temp, self.final)
+        except FileExistsError:
+            self.abort()
+            raise StorageError(f"{self.label}: already exists (written by another run)") from None
         except OSError as exc:
             self.abort()
             raise StorageError(f"{self.label}: cannot write ({exc.strerror})") from None
@@ -101,9 +109,9 @@ class LocalStorage(Storage):
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
 
-    def open_writer(self, key: str) -> LocalWriter:
+    def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> LocalWriter:
         try:
-            return LocalWriter(self._path(key), self.describe(key))
+            return LocalWriter(self._path(key), self.describe(key), if_absent)
         except OSError as exc:
             raise StorageError(f"{self.describe(key)}: cannot write ({exc.strerror})") from None
 
@@ -112,6 +120,12 @@ class LocalStorage(Storage):
             self._path(key).unlink()
         except FileNotFoundError:
             pass
+
+    def cleanup_incomplete(self, prefix: str = "") -> int:
+        stale = [k for k in self.list(prefix) if k.rpartition("/")[2].startswith(TEMP_MARK)]
+        for key in stale:
+            self.delete(key)
+        return len(stale)
 
     def child(self, prefix: str) -> "LocalStorage":
         return LocalStorage(self._path(prefix))

@@ -1,0 +1,331 @@
+"""S3 (and S3-compatible) storage with boto3: concurrent ranged reads, streaming multipart writes.
+
+Endpoint, region and credentials come from the standard AWS chain and environment
+(AWS_ENDPOINT_URL for S3-compatible stores); credentials are never printed. Transient errors
+(throttling, 5xx, dropped connections, truncated bodies) are retried with exponential backoff.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ..errors import StorageError
+from .base import Reader, Storage, Writer, clean_key
+
+MiB = 1024 * 1024
+MIN_PART = 5 * MiB
+MAX_PART = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+DEFAULT_PART_MIB = int(os.environ.get("EXPO_RAY_S3_PART_MIB", "16"))
+PARTS_IN_FLIGHT = int(os.environ.get("EXPO_RAY_S3_PARTS_IN_FLIGHT", "3"))
+RANGE_BYTES = 16 * MiB            # a large read is split into ranged GETs of this size
+READ_CONCURRENCY = int(os.environ.get("EXPO_RAY_S3_READ_CONCURRENCY", "8"))
+ATTEMPTS = int(os.environ.get("EXPO_RAY_S3_ATTEMPTS", "8"))
+BACKOFF_CAP_S = 20.0
+
+_lock = threading.Lock()
+_client = None
+_pool: ThreadPoolExecutor | None = None
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
+
+
+def client():
+    """One boto3 client per process (thread-safe), configured for many concurrent requests."""
+    global _client
+    with _lock:
+        if _client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries={"max_attempts": ATTEMPTS, "mode": "adaptive"}, max_pool_connections=64,
+                            connect_timeout=10, read_timeout=120, request_checksum_calculation="when_required",
+                            response_checksum_validation="when_required")
+            _client = boto3.session.Session().client("s3", config=config)
+        return _client
+
+
+def pool() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(READ_CONCURRENCY, PARTS_IN_FLIGHT) * 2, thread_name_prefix="expo-s3")
+        return _pool
+
+
+def _code(exc) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+
+
+def is_transient(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    if isinstance(exc, ClientError):
+        return _code(exc) in TRANSIENT_CODES
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, Urllib3Error, ConnectionError, TimeoutError))
+
+
+def explain(exc: BaseException, label: str) -> StorageError:
+    """One clear message for an S3 failure (never includes credentials)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return StorageError(f"{label}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                            "AWS_PROFILE, or use an instance role / IRSA)")
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"{label}: cannot reach the S3 endpoint {exc.kwargs.get('endpoint_url', '')} "
+                            "(is AWS_ENDPOINT_URL right and the server up?)")
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        if code == "NoSuchBucket":
+            return StorageError(f"{label}: the bucket does not exist")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{label}: not found")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return StorageError(f"{label}: the S3 credentials were rejected ({code})")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return StorageError(f"{label}: access denied (check the credentials and the bucket policy)")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return StorageError(f"{label}: already exists (written by another run)")
+        return StorageError(f"{label}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
+    if is_transient(exc):
+        return StorageError(f"{label}: S3 did not answer after {ATTEMPTS} attempts ({type(exc).__name__}: {exc})")
+    return StorageError(f"{label}: {type(exc).__name__}: {exc}")
+
+
+def with_retries(fn, label: str):
+    """Run fn(), retrying transient failures (including truncated bodies) with backoff."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc) or attempt == ATTEMPTS - 1:
+                raise explain(exc, label) from None
+            time.sleep(min(BACKOFF_CAP_S, 0.25 * 2 ** attempt) * (0.5 + random.random()))
+
+
+class S3Reader(Reader):
+    def __init__(self, bucket: str, key: str, label: str):
+        self.bucket, self.key, self.label = bucket, key, label
+        head = with_retries(lambda: client().head_object(Bucket=bucket, Key=key), label)
+        self.size = head["ContentLength"]
+        self.etag = head.get("ETag")
+
+    def _get(self, offset: int, length: int) -> bytes:
+        def once():
+            # IfMatch: a read never mixes two versions of an object replaced meanwhile.
+            kwargs = {"IfMatch": self.etag} if self.etag else {}
+            body = client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{offset + length - 1}", **kwargs)["Body"]
+            data = body.read()
+            if len(data) != length:
+                raise ConnectionError(f"short read: {len(data)} of {length} bytes")
+            return data
+        return with_retries(once, self.label)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise StorageError(f"{self.label}: read of {length} bytes at offset {offset} is past the end of the object ({self.size} bytes); it is truncated or its header lies")
+        if length == 0:
+            return b""
+        if length <= RANGE_BYTES:
+            return self._get(offset, length)
+        out = bytearray(length)
+        starts = range(0, length, RANGE_BYTES)
+
+        def fetch(start):
+            n = min(RANGE_BYTES, length - start)
+            out[start:start + n] = self._get(offset + start, n)
+
+        for f in [pool().submit(fetch, s) for s in starts]:
+            f.result()
+        return out
+
+
+def part_size_for(size_hint: int | None, configured: int) -> int:
+    """Parts of at least `configured` bytes, grown so the object needs at most 10,000 parts."""
+    size = max(MIN_PART, configured)
+    if size_hint:
+        size = max(size, math.ceil(size_hint / (MAX_PARTS - 1) / MiB) * MiB)
+    return min(size, MAX_PART)
+
+
+class S3Writer(Writer):
+    """Streaming multipart upload: parts go up while later data is produced; at most
+    PARTS_IN_FLIGHT parts are buffered; each part is MD5-checked by the server."""
+
+    def __init__(self, bucket: str, key: str, label: str, size_hint: int | None, if_absent: bool, part_size: int):
+        self.bucket, self.key, self.label = bucket, key, label
+        self.if_absent = if_absent
+        self.size_hint = size_hint
+        self.part_size = part_size_for(size_hint, part_size)
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: dict[int, Future] = {}
+        self.slots = threading.Semaphore(PARTS_IN_FLIGHT)
+        self.total = 0
+        self.closed = False
+
+    def write(self, data) -> None:
+        self.buffer += data
+        self.total += len(data)
+        while len(self.buffer) >= self.part_size:
+            chunk = bytes(self.buffer[:self.part_size])
+            del self.buffer[:self.part_size]
+            self._upload_part(chunk)
+
+    def _upload_part(self, data: bytes) -> None:
+        if self.upload_id is None:
+            self.upload_id = with_retries(lambda: client().create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"], self.label)
+        number = len(self.parts) + 1
+        if number > MAX_PARTS:
+            raise StorageError(f"{self.label}: more than {MAX_PARTS} parts; raise EXPO_RAY_S3_PART_MIB")
+        self.slots.acquire()
+        try:
+            self.parts[number] = pool().submit(self._send_part, number, data)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _send_part(self, number: int, data: bytes) -> dict:
+        try:
+            digest = hashlib.md5(data)
+            md5 = base64.b64encode(digest.digest()).decode()
+            response = with_retries(lambda: client().upload_part(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data, ContentMD5=md5),
+                f"{self.label} (part {number})")
+            etag = response["ETag"]
+            if etag.strip('"') != digest.hexdigest() and "-" not in etag:
+                raise StorageError(f"{self.label}: part {number} checksum mismatch after upload")
+            return {"PartNumber": number, "ETag": etag}
+        finally:
+            self.slots.release()
+
+    def commit(self) -> None:
+        conditional = {"IfNoneMatch": "*"} if self.if_absent else {}
+        try:
+            if self.upload_id is None:
+                data = bytes(self.buffer)
+                md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+                with_retries(lambda: client().put_object(Bucket=self.bucket, Key=self.key, Body=data, ContentMD5=md5, **conditional), self.label)
+            else:
+                if self.buffer or not self.parts:
+                    self._upload_part(bytes(self.buffer))
+                self.buffer = bytearray()
+                parts = [self.parts[n].result() for n in sorted(self.parts)]
+                with_retries(lambda: client().complete_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}, **conditional),
+                    self.label)
+                self.upload_id = None
+        except BaseException:
+            self.abort()
+            raise
+        size = with_retries(lambda: client().head_object(Bucket=self.bucket, Key=self.key)["ContentLength"], self.label)
+        if size != self.total:
+            raise StorageError(f"{self.label}: stored object has {size} bytes, {self.total} were written")
+        self.closed = True
+
+    def abort(self) -> None:
+        for f in self.parts.values():
+            f.cancel()
+        for f in self.parts.values():
+            try:
+                f.result()
+            except BaseException:  # noqa: BLE001 - the upload is being thrown away
+                pass
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            try:
+                client().abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+            except Exception:  # noqa: BLE001 - cleanup_incomplete() catches what is left
+                pass
+        self.buffer = bytearray()
+        self.closed = True
+
+
+class S3Storage(Storage):
+    def __init__(self, bucket: str, prefix: str = "", part_mib: int = DEFAULT_PART_MIB):
+        if len(bucket) < 3:
+            raise StorageError(f"s3://{bucket}: bucket names have at least 3 characters")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if part_mib < 8:
+            raise StorageError(f"S3 part size {part_mib} MiB: must be at least 8 MiB")
+        self.part_size = part_mib * MiB
+        # Memory one open writer may hold: the parts in flight plus the one being filled.
+        self.write_buffer_bytes = (PARTS_IN_FLIGHT + 1) * self.part_size
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    def _key(self, key: str) -> str:
+        key = clean_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def open_reader(self, key: str) -> S3Reader:
+        return S3Reader(self.bucket, self._key(key), self.describe(key))
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+        try:
+            with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))
+            return True
+        except StorageError as exc:
+            if str(exc).endswith(": not found"):
+                return False
+            raise
+        except ClientError:  # pragma: no cover - with_retries converts these
+            return False
+
+    def size(self, key: str) -> int:
+        full = self._key(key)
+        return with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))["ContentLength"]
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        full = base + (clean_key(prefix) + "/" if prefix else "")
+
+        def run():
+            keys = []
+            for page in client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(o["Key"][len(base):] for o in page.get("Contents", []))
+            return keys
+        return sorted(with_retries(run, self.describe(prefix)))
+
+    def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> S3Writer:
+        return S3Writer(self.bucket, self._key(key), self.describe(key), size_hint, if_absent, self.part_size)
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        with_retries(lambda: client().delete_object(Bucket=self.bucket, Key=full), self.describe(key))
+
+    def cleanup_incomplete(self, prefix: str = "") -> int:
+        """Abort multipart uploads left under `prefix` by interrupted runs."""
+        full = self._key(prefix) if prefix else self.prefix
+
+        def run():
+            uploads = []
+            for page in client().get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full):
+                uploads.extend(page.get("Uploads", []))
+            for u in uploads:
+                client().abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+            return len(uploads)
+        return with_retries(run, self.describe(prefix))
+
+    def child(self, prefix: str) -> "S3Storage":
+        return S3Storage(self.bucket, self._key(prefix), self.part_size // MiB)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: expected s3://bucket/prefix")
+    return bucket, prefix
