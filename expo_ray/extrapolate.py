@@ -20,7 +20,7 @@ from .errors import ExpoError, StorageError
 from .manifest import FORMAT, MANIFEST_FILE, file_record, find_variants, read_manifest, write_manifest
 from .modelcard import model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
-from .ray_runtime import ProgressBar, ensure_ray
+from .ray_runtime import ProgressBar, ensure_ray, task_options
 from .safetensors_io import read_header
 from .shard_task import RECEIPTS, ShardJob, receipt_key, run_shard
 from .storage import Storage, open_storage
@@ -96,8 +96,8 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
              len(jobs), total / 1e9, len(todo), ", ".join(names))
     with ProgressBar(ray, total, "extrapolate", enabled=show_progress) as bar:
         task = ray.remote(_shard_task)
-        refs = {task.options(name=f"extrapolate:{j.shard.key}", memory=memory,
-                             max_retries=TASK_MAX_RETRIES, retry_exceptions=False).remote(j, bar.tracker): j
+        refs = {task.options(**task_options(name=f"extrapolate:{j.shard.key}", memory=memory,
+                                            max_retries=TASK_MAX_RETRIES, retry_exceptions=False)).remote(j, bar.tracker): j
                 for j in jobs}
         records = bar.wait(refs)
     result.shards_resumed = sum(len(r["resumed"]) for r in records)

@@ -76,10 +76,10 @@ def shard_sums(shard: ShardPlan, sft_uri: str, aligned_uri: str) -> dict[str, tu
 
 def lineage(plan: Plan, address: str | None = None) -> tuple[list[GroupChange], GroupChange]:
     """Per-group relative change (in model order) and the overall one, computed on Ray."""
-    from .ray_runtime import ensure_ray
+    from .ray_runtime import ensure_ray, task_options
 
     ray = ensure_ray(address)
-    task = ray.remote(shard_sums).options(memory=3 * CHUNK_BYTES + 256 * 1024 * 1024)
+    task = ray.remote(shard_sums).options(**task_options(memory=3 * CHUNK_BYTES + 256 * 1024 * 1024))
     results = ray.get([task.remote(s, plan.sft_uri, plan.aligned_uri) for s in plan.shards])
     groups: dict[str, GroupChange] = {}
     overall = GroupChange("overall", 0.0, 0.0, 0)

@@ -11,6 +11,25 @@ from .errors import ExpoError
 log = logging.getLogger("expo_ray")
 
 
+# Settings (never secrets) that tasks need to see the same storage as the driver.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                 "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT")
+
+
+def forwarded_env() -> dict:
+    """Storage settings and EXPO_RAY_* tuning of the driver, passed to tasks as runtime_env."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("EXPO_RAY_")})
+    return env
+
+
+def task_options(**options) -> dict:
+    env = forwarded_env()
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
 def ensure_ray(address: str | None = None):
     """Return the ray module, connected: to `address`, RAY_ADDRESS, or a new local instance."""
     import ray

@@ -56,9 +56,7 @@ def output_header(job: ShardJob, alpha: float) -> bytes:
     metadata.update({
         "expo_ray.version": __version__,
         "expo_ray.alpha": format_alpha(alpha),
-        "expo_ray.sft": job.sft_uri,
-        "expo_ray.aligned": job.aligned_uri,
-    })
+    })  # no source URIs here: the same inputs give the same bytes wherever they are stored
     header, _ = encode_header([(t.name, t.dtype, t.shape) for t in job.shard.tensors], metadata)
     return header
 

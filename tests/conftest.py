@@ -11,7 +11,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on loopback; its settings are in the environment
+    before Ray starts, so workers use it too."""
+    from expo_ray.storage.embedded_s3 import EmbeddedS3
+
+    server = EmbeddedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    os.environ.update(server.env())
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
+                        aws_secret_access_key=s3_server.secret_key, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
     """A real local Ray instance (started once; ray.init takes seconds)."""
     import ray
 
@@ -42,3 +62,28 @@ def pair_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bf16_pair(pair_factory):
     return pair_factory(dtype="bfloat16")
+
+
+def upload_folder(client, folder, bucket: str, prefix: str) -> str:
+    """Copy a local folder to s3://bucket/prefix; returns the URI."""
+    from pathlib import Path
+
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    except Exception as exc:  # noqa: BLE001 - SeaweedFS answers BucketAlreadyExists
+        if "BucketAlreadyExists" not in str(exc):
+            raise
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def make_bucket(client, bucket: str) -> None:
+    try:
+        client.create_bucket(Bucket=bucket)
+    except Exception as exc:  # noqa: BLE001
+        if "BucketAlready" not in str(exc):
+            raise

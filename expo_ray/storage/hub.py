@@ -16,6 +16,19 @@ from .local import LocalReader
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
+def _cache_dir() -> str | None:
+    """Read at call time (huggingface_hub reads its environment once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def parse_hf_uri(uri: str) -> tuple[str, str]:
     rest = uri[len("hf://"):].strip("/")
     repo, _, revision = rest.partition("@")
@@ -37,11 +50,10 @@ class HubStorage(Storage):
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
         label = f"hf://{repo}@{revision}"
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         try:
-            if offline:
+            if _offline():
                 # The cached snapshot: its folder name is the commit.
-                path = snapshot_download(repo, revision=revision, local_files_only=True)
+                path = snapshot_download(repo, revision=revision, local_files_only=True, cache_dir=_cache_dir())
                 commit = os.path.basename(path.rstrip("/"))
                 files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
                 return commit, files
@@ -63,7 +75,8 @@ class HubStorage(Storage):
         if key not in self._files:
             raise StorageError(f"{self.describe(key)}: not in the repository")
         try:
-            return hf_hub_download(self.repo, key, revision=self.commit)
+            return hf_hub_download(self.repo, key, revision=self.commit, cache_dir=_cache_dir(),
+                                   local_files_only=_offline())
         except Exception as exc:  # noqa: BLE001 - hub errors are many; one message
             raise StorageError(f"{self.describe(key)}: download failed ({type(exc).__name__}: {exc})") from None
 

@@ -26,29 +26,31 @@ DEFAULT_PART_MIB = int(os.environ.get("EXPO_RAY_S3_PART_MIB", "16"))
 PARTS_IN_FLIGHT = int(os.environ.get("EXPO_RAY_S3_PARTS_IN_FLIGHT", "3"))
 RANGE_BYTES = 16 * MiB            # a large read is split into ranged GETs of this size
 READ_CONCURRENCY = int(os.environ.get("EXPO_RAY_S3_READ_CONCURRENCY", "8"))
-ATTEMPTS = int(os.environ.get("EXPO_RAY_S3_ATTEMPTS", "8"))
+ATTEMPTS = int(os.environ.get("EXPO_RAY_S3_ATTEMPTS", "7"))
 BACKOFF_CAP_S = 20.0
 
 _lock = threading.Lock()
-_client = None
+_clients: dict = {}
 _pool: ThreadPoolExecutor | None = None
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                    "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
 
 
 def client():
-    """One boto3 client per process (thread-safe), configured for many concurrent requests."""
-    global _client
+    """One boto3 client per process and endpoint/credential settings (clients are thread-safe)."""
+    settings = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                                                 "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"))
     with _lock:
-        if _client is None:
+        if settings not in _clients:
             import boto3
             from botocore.config import Config
 
-            config = Config(retries={"max_attempts": ATTEMPTS, "mode": "adaptive"}, max_pool_connections=64,
+            # botocore retries each request a little; with_retries() adds backoff across attempts.
+            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=64,
                             connect_timeout=10, read_timeout=120, request_checksum_calculation="when_required",
                             response_checksum_validation="when_required")
-            _client = boto3.session.Session().client("s3", config=config)
-        return _client
+            _clients[settings] = boto3.session.Session().client("s3", config=config)
+        return _clients[settings]
 
 
 def pool() -> ThreadPoolExecutor:
