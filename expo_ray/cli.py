@@ -70,7 +70,7 @@ def _plan_options(f):
               help="Comma-separated alphas; all are computed from one read of the inputs.")
 @click.option("--out", required=True, metavar="DST", help="Destination root; one folder per alpha (alpha_0.3/ ...).")
 @_plan_options
-@click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(8, 65536),
+@click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(1, 65536),
               help="Working-memory budget per task in MiB (bounds memory whatever the tensor sizes).")
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance).")

@@ -125,6 +125,10 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
                     fingerprint: str) -> str:
     """Index, config and tokenizer files, model card, then the manifest LAST (create-if-absent)."""
     variant = out.child(name)
+    # Attempts of tasks that were killed and retried may have left temp files / uploads behind.
+    leftovers = out.cleanup_incomplete(name)
+    if leftovers:
+        log.info("%s: removed %d leftover(s) of killed task attempts", variant.describe(), leftovers)
     files = [{"path": r["shard"], **r["files"][name]} for r in records]
     index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
     index_bytes = (json.dumps(index, indent=2) + "\n").encode()

@@ -39,8 +39,10 @@ def ensure_ray(address: str | None = None):
     address = address or os.environ.get("RAY_ADDRESS") or None
     began = time.perf_counter()
     try:
-        ray.init(address=address, include_dashboard=False if address is None else None,
-                 logging_level=logging.WARNING, log_to_driver=True)
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:  # always a new instance, never one a `ray start` on this machine left running
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as exc:
         raise ExpoError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
     log.info("Ray %s in %.1f s", "connected" if address else "started locally", time.perf_counter() - began)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from .storage import Reader, Storage, Writer, open_storage
 INPUT_BUFFERS = 2
 OUTPUT_BUFFERS = 2
 MIN_CHUNK_ELEMENTS = 4096
+# Fault-injection knob for tests of killed workers, drivers and storage outages: sleep this many
+# seconds after each chunk so that a run is slow enough to be interrupted mid-shard.
+CHUNK_DELAY_S = float(os.environ.get("EXPO_RAY_CHUNK_DELAY_S", "0") or 0)
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,8 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
         writes[slot] = io_pool.writer.submit(_write_all, outputs, chunks)
         if progress is not None:
             progress(count * itemsize)
+        if CHUNK_DELAY_S:
+            time.sleep(CHUNK_DELAY_S)
     for w in writes:
         if w is not None:
             w.result()

@@ -1,0 +1,180 @@
+"""Faults: a killed worker, a killed driver, an S3 outage, wrong credentials, a dead endpoint.
+Each asserts that nothing is lost and nothing half-written is visible. Every wait is bounded."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import make_bucket, upload_folder
+from expo_ray.api import extrapolate
+from expo_ray.demo.tiny import write_checkpoint
+from expo_ray.errors import ExpoError
+from expo_ray.manifest import verify_variant
+from expo_ray.storage import open_storage
+from test_s3 import local_files, s3_files, shards_only
+
+EXPO = str(Path(sys.executable).with_name("expo-ray"))
+ALPHAS = (0.2, 0.4)
+CHUNK_MIB = 0.25
+WAIT_S = 240
+
+
+@pytest.fixture(scope="module")
+def slow_pair(tmp_path_factory):
+    """A synthetic Llama-shaped pair big enough for several chunks per shard (3 shards each)."""
+    root = tmp_path_factory.mktemp("slowpair")
+    g = torch.Generator().manual_seed(3)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 3}
+    sft = {f"model.layers.{i}.mlp.{p}.weight": (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16)
+           for i in range(3) for p in ("up_proj", "down_proj")}
+    aligned = {k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3).to(torch.bfloat16) for k, v in sft.items()}
+    write_checkpoint(root / "sft", sft, cfg, 600_000)
+    write_checkpoint(root / "aligned", aligned, cfg, 300_000)
+    clean = root / "clean"
+    extrapolate(str(root / "sft"), str(root / "aligned"), ALPHAS, str(clean), chunk_mib=CHUNK_MIB, show_progress=False)
+    return root / "sft", root / "aligned", clean
+
+
+def expected_shards(clean: Path) -> dict:
+    return {a: shards_only(local_files(clean / f"alpha_{a}")) for a in ALPHAS}
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def worker_running(prefix: str):
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith(prefix):
+            return p
+    return None
+
+
+def test_worker_killed_mid_shard_is_retried(ray_local, slow_pair, tmp_path, monkeypatch):
+    sft, aligned, clean = slow_pair
+    monkeypatch.setenv("EXPO_RAY_CHUNK_DELAY_S", "0.2")
+    out = tmp_path / "out"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(r=extrapolate(
+        str(sft), str(aligned), ALPHAS, str(out), chunk_mib=CHUNK_MIB, show_progress=False)))
+    thread.start()
+    wait_for(lambda: worker_running("ray::extrapolate:") is not None, "a shard task to start")
+    time.sleep(0.5)  # mid-shard: a few chunks written, more to come
+    victim = worker_running("ray::extrapolate:")
+    victim.send_signal(signal.SIGKILL)
+    thread.join(WAIT_S)
+    assert not thread.is_alive() and "r" in outcome
+    for alpha, shards in expected_shards(clean).items():
+        folder = out / f"alpha_{alpha}"
+        assert shards_only(local_files(folder)) == shards
+        assert verify_variant(open_storage(str(folder))).ok
+        assert not [p for p in folder.iterdir() if p.name.startswith(".expo-partial-")]
+
+
+def test_driver_killed_then_rerun_resumes(ray_local, s3_client, s3_server, slow_pair, tmp_path):
+    sft, aligned, clean = slow_pair
+    src_sft = upload_folder(s3_client, sft, "models", "slow/sft")
+    src_aligned = upload_folder(s3_client, aligned, "models", "slow/aligned")
+    make_bucket(s3_client, "faults")
+    dest = "s3://faults/driver-killed"
+    cmd = [EXPO, "extrapolate", "--sft", src_sft, "--aligned", src_aligned, "--alpha", ",".join(map(str, ALPHAS)),
+           "--out", dest, "--chunk-mib", "1", "--no-progress"]
+    env = dict(os.environ, EXPO_RAY_CHUNK_DELAY_S="0.3", RAY_ADDRESS="")
+    log = open(tmp_path / "driver.log", "wb")
+    driver = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+
+    def shard_finished():
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()
+        return bool(s3_files(s3_client, "faults", "driver-killed/.expo-ray/receipts"))
+    try:
+        wait_for(shard_finished, "a finished shard")
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        driver.wait(30)
+    # Killed before any commit: nothing is visible as a finished variant.
+    for alpha in ALPHAS:
+        assert not verify_variant(open_storage(f"{dest}/alpha_{alpha}")).ok
+    env.pop("EXPO_RAY_CHUNK_DELAY_S")
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resumed:" in rerun.stderr and "already written by an earlier run" in rerun.stderr
+    for alpha, shards in expected_shards(clean).items():
+        assert shards_only(s3_files(s3_client, "faults", f"driver-killed/alpha_{alpha}")) == shards
+        assert verify_variant(open_storage(f"{dest}/alpha_{alpha}")).ok
+    assert not s3_client.list_multipart_uploads(Bucket="faults").get("Uploads")
+
+
+def test_s3_outage_during_run(ray_local, slow_pair, tmp_path, monkeypatch):
+    """The S3 server is killed mid-run and restarted: retries carry the run through, or it fails
+    with a clear message and a re-run completes."""
+    from expo_ray.storage.embedded_s3 import EmbeddedS3
+    import boto3
+
+    sft, aligned, clean = slow_pair
+    server = EmbeddedS3(tmp_path / "weed").start()
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        client = boto3.client("s3", endpoint_url=server.endpoint)
+        make_bucket(client, "outage")
+        monkeypatch.setenv("EXPO_RAY_CHUNK_DELAY_S", "0.2")
+        outcome = {}
+
+        def run():
+            try:
+                outcome["result"] = extrapolate(str(sft), str(aligned), ALPHAS, "s3://outage/run", chunk_mib=CHUNK_MIB,
+                                                show_progress=False)
+            except ExpoError as exc:
+                outcome["error"] = str(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: bool(s3_files(client, "outage", "run/.expo-ray/receipts")), "a finished shard")
+        server.stop()
+        time.sleep(3)
+        server.start(port=server.port)
+        thread.join(WAIT_S)
+        assert not thread.is_alive()
+        if "error" in outcome:
+            assert "s3://outage/run" in outcome["error"], outcome["error"]
+            monkeypatch.delenv("EXPO_RAY_CHUNK_DELAY_S")
+            extrapolate(str(sft), str(aligned), ALPHAS, "s3://outage/run", chunk_mib=CHUNK_MIB, show_progress=False)
+        for alpha, shards in expected_shards(clean).items():
+            assert shards_only(s3_files(client, "outage", f"run/alpha_{alpha}")) == shards
+            assert verify_variant(open_storage(f"s3://outage/run/alpha_{alpha}")).ok
+    finally:
+        server.close()
+
+
+def test_wrong_credentials_and_dead_endpoint(s3_server, s3_client, bf16_pair, tmp_path):
+    src = upload_folder(s3_client, bf16_pair[1], "models", "creds/aligned")
+    make_bucket(s3_client, "creds-out")
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY="definitely-wrong", RAY_ADDRESS="")
+    run = subprocess.run([EXPO, "extrapolate", "--sft", str(bf16_pair[0]), "--aligned", src, "--alpha", "0.3",
+                          "--out", "s3://creds-out/x"], env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert run.returncode == 1 and "credentials were rejected" in run.stderr, run.stderr
+    assert "definitely-wrong" not in run.stderr + run.stdout
+    assert not s3_files(s3_client, "creds-out", "x")
+    assert not s3_client.list_multipart_uploads(Bucket="creds-out").get("Uploads")
+
+    from expo_ray.storage.embedded_s3 import free_port
+
+    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", EXPO_RAY_S3_ATTEMPTS="2", RAY_ADDRESS="")
+    run = subprocess.run([EXPO, "inspect", src], env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert run.returncode == 1 and "cannot reach the S3 endpoint" in run.stderr, run.stderr
