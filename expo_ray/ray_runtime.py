@@ -23,9 +23,21 @@ def forwarded_env() -> dict:
     return env
 
 
+_worker_env: dict | None = None  # the forwarded settings workers were started with, if known
+
+
+def note_worker_env() -> None:
+    """Record that Ray's workers inherit this process's current environment (a local instance
+    started here, or a job whose runtime_env already carries it)."""
+    global _worker_env
+    _worker_env = forwarded_env()
+
+
 def task_options(**options) -> dict:
+    """Ray task options, plus a runtime_env carrying the driver's storage settings when workers
+    may not have them (a runtime_env of its own makes Ray start fresh workers: avoid needlessly)."""
     env = forwarded_env()
-    if env:
+    if env and env != _worker_env:
         options["runtime_env"] = {"env_vars": env}
     return options
 
@@ -45,6 +57,8 @@ def ensure_ray(address: str | None = None):
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as exc:
         raise ExpoError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    if not address or os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        note_worker_env()  # local workers inherit our env; a submitted job's tasks inherit its runtime_env
     log.info("Ray %s in %.1f s", "connected" if address else "started locally", time.perf_counter() - began)
     return ray
 

@@ -93,8 +93,13 @@ class _Outputs:
 
 @dataclass(frozen=True)
 class _IO:
-    reader: ThreadPoolExecutor
-    writer: ThreadPoolExecutor
+    reader: ThreadPoolExecutor   # prefetches the next chunk of the aligned tensor
+    side: ThreadPoolExecutor     # reads the matching SFT chunk at the same time
+    writer: ThreadPoolExecutor   # one thread: chunks are written strictly in order
+
+    def shutdown(self) -> None:
+        for pool in (self.reader, self.side, self.writer):
+            pool.shutdown(wait=True)
 
 
 def _ranges(t: TensorPlan, step: int):
@@ -183,8 +188,8 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         raise
     outputs = _Outputs(writers)
     compute_s = 0.0
-    # One reader thread prefetches the next chunk; one writer thread writes chunks strictly in order.
     io_pool = _IO(ThreadPoolExecutor(1, thread_name_prefix="expo-read"),
+                  ThreadPoolExecutor(1, thread_name_prefix="expo-read-sft"),
                   ThreadPoolExecutor(1, thread_name_prefix="expo-write"))
     try:
         for i, header in enumerate(headers):
@@ -198,8 +203,7 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         outputs.abort()
         raise
     finally:
-        io_pool.reader.shutdown(wait=True)
-        io_pool.writer.shutdown(wait=True)
+        io_pool.shutdown()
         for r in readers.values():
             r.close()
     written = {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest()} for i, v in enumerate(job.variants)}
@@ -223,12 +227,12 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
     s_reader = reader("sft", t.sft.shard) if needs_sft else None
 
     def read(start: int, count: int):
-        a = a_reader.read(info.start + start * itemsize, count * itemsize)
         s = None
         if needs_sft and start < shared:
             n = min(count, shared - start)
-            s = s_reader.read(t.sft.info.start + start * itemsize, n * itemsize)
-        return a, s
+            s = io_pool.side.submit(s_reader.read, t.sft.info.start + start * itemsize, n * itemsize)
+        a = a_reader.read(info.start + start * itemsize, count * itemsize)
+        return a, (s.result() if s is not None else None)
 
     out_sets = [None] * OUTPUT_BUFFERS
     writes = [None] * OUTPUT_BUFFERS

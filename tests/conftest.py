@@ -36,8 +36,10 @@ def ray_local(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        from expo_ray.ray_runtime import note_worker_env
+
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        note_worker_env()
     yield ray
     ray.shutdown()
 

@@ -7,12 +7,12 @@ Endpoint, region and credentials come from the standard AWS chain and environmen
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import os
 import random
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import StorageError
@@ -151,6 +151,10 @@ class S3Reader(Reader):
         return out
 
 
+def crc32_b64(data) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
 def part_size_for(size_hint: int | None, configured: int) -> int:
     """Parts of at least `configured` bytes, grown so the object needs at most 10,000 parts."""
     size = max(MIN_PART, configured)
@@ -161,14 +165,15 @@ def part_size_for(size_hint: int | None, configured: int) -> int:
 
 class S3Writer(Writer):
     """Streaming multipart upload: parts go up while later data is produced; at most
-    PARTS_IN_FLIGHT parts are buffered; each part is MD5-checked by the server."""
+    PARTS_IN_FLIGHT parts are buffered; the server checks each part's CRC32."""
 
     def __init__(self, bucket: str, key: str, label: str, size_hint: int | None, if_absent: bool, part_size: int):
         self.bucket, self.key, self.label = bucket, key, label
         self.if_absent = if_absent
         self.size_hint = size_hint
         self.part_size = part_size_for(size_hint, part_size)
-        self.buffer = bytearray()
+        self.pieces: list[bytes] = []   # data of the part being filled (copied: callers reuse buffers)
+        self.filled = 0
         self.upload_id: str | None = None
         self.parts: dict[int, Future] = {}
         self.slots = threading.Semaphore(PARTS_IN_FLIGHT)
@@ -176,16 +181,25 @@ class S3Writer(Writer):
         self.closed = False
 
     def write(self, data) -> None:
-        self.buffer += data
-        self.total += len(data)
-        while len(self.buffer) >= self.part_size:
-            chunk = bytes(self.buffer[:self.part_size])
-            del self.buffer[:self.part_size]
-            self._upload_part(chunk)
+        view = memoryview(data).cast("B")
+        self.total += len(view)
+        while len(view):
+            take = min(len(view), self.part_size - self.filled)
+            self.pieces.append(bytes(view[:take]))
+            self.filled += take
+            view = view[take:]
+            if self.filled == self.part_size:
+                self._upload_part(self._take_part())
+
+    def _take_part(self) -> bytes:
+        data = self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
+        self.pieces, self.filled = [], 0
+        return data
 
     def _upload_part(self, data: bytes) -> None:
         if self.upload_id is None:
-            self.upload_id = with_retries(lambda: client().create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"], self.label)
+            self.upload_id = with_retries(lambda: client().create_multipart_upload(
+                Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="CRC32")["UploadId"], self.label)
         number = len(self.parts) + 1
         if number > MAX_PARTS:
             raise StorageError(f"{self.label}: more than {MAX_PARTS} parts; raise EXPO_RAY_S3_PART_MIB")
@@ -198,15 +212,13 @@ class S3Writer(Writer):
 
     def _send_part(self, number: int, data: bytes) -> dict:
         try:
-            digest = hashlib.md5(data)
-            md5 = base64.b64encode(digest.digest()).decode()
+            crc = crc32_b64(data)  # the server rejects the part if its bytes do not match
             response = with_retries(lambda: client().upload_part(
-                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data, ContentMD5=md5),
-                f"{self.label} (part {number})")
-            etag = response["ETag"]
-            if etag.strip('"') != digest.hexdigest() and "-" not in etag:
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data,
+                ChecksumCRC32=crc), f"{self.label} (part {number})")
+            if response.get("ChecksumCRC32", crc) != crc:
                 raise StorageError(f"{self.label}: part {number} checksum mismatch after upload")
-            return {"PartNumber": number, "ETag": etag}
+            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc}
         finally:
             self.slots.release()
 
@@ -214,13 +226,12 @@ class S3Writer(Writer):
         conditional = {"IfNoneMatch": "*"} if self.if_absent else {}
         try:
             if self.upload_id is None:
-                data = bytes(self.buffer)
-                md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
-                with_retries(lambda: client().put_object(Bucket=self.bucket, Key=self.key, Body=data, ContentMD5=md5, **conditional), self.label)
+                data = self._take_part()
+                with_retries(lambda: client().put_object(Bucket=self.bucket, Key=self.key, Body=data,
+                                                         ChecksumCRC32=crc32_b64(data), **conditional), self.label)
             else:
-                if self.buffer or not self.parts:
-                    self._upload_part(bytes(self.buffer))
-                self.buffer = bytearray()
+                if self.filled or not self.parts:
+                    self._upload_part(self._take_part())
                 parts = [self.parts[n].result() for n in sorted(self.parts)]
                 with_retries(lambda: client().complete_multipart_upload(
                     Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}, **conditional),
@@ -248,7 +259,7 @@ class S3Writer(Writer):
                 client().abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=upload_id)
             except Exception:  # noqa: BLE001 - cleanup_incomplete() catches what is left
                 pass
-        self.buffer = bytearray()
+        self.pieces, self.filled = [], 0
         self.closed = True
 
 

@@ -1,0 +1,123 @@
+"""S3 read+write throughput: expo-ray (S3 -> S3 extrapolation) vs the AWS CLI moving the same bytes.
+
+One run, one SeaweedFS server on loopback for both (started here), the same synthetic pair:
+- expo-ray reads the SFT and aligned checkpoints from S3 and writes one variant per alpha to S3;
+- the AWS CLI (`aws s3 cp --recursive`, its own venv: benchmarks/.venv-awscli) downloads the same
+  two checkpoints and uploads the same number of bytes (the aligned checkpoint once per alpha),
+  through a RAM disk so the local disk does not slow it down.
+Throughput = (bytes read + bytes written) / wall time. Ray start-up is reported separately.
+
+    .venv/bin/python benchmarks/s3_bench.py --size-gb 1 --alphas 0.1,0.3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+AWS_VENV = HERE / ".venv-awscli"
+
+
+def aws_cli() -> Path:
+    aws = AWS_VENV / "bin" / "aws"
+    if not aws.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(AWS_VENV)], check=True)
+        subprocess.run([str(AWS_VENV / "bin" / "pip"), "install", "-q", "awscli"], check=True)
+    return aws
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def upload(client, folder: Path, bucket: str, prefix: str) -> int:
+    total = 0
+    for p in sorted(folder.iterdir()):
+        client.upload_file(str(p), bucket, f"{prefix}/{p.name}")
+        total += p.stat().st_size
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=1.0, help="size of each checkpoint")
+    ap.add_argument("--alphas", default="0.1,0.3")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    alphas = [float(a) for a in args.alphas.split(",")]
+
+    import boto3
+    import ray
+
+    from expo_ray.api import extrapolate
+    from expo_ray.storage.embedded_s3 import EmbeddedS3
+    from synthetic_pair import make_pair
+
+    aws = aws_cli()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="expo-s3-bench-"))
+    ramdisk = Path(tempfile.mkdtemp(prefix="expo-s3-bench-", dir="/dev/shm"))
+    server = EmbeddedS3(work / "weed").start()
+    try:
+        os.environ.update(server.env())
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="bench")
+        sft_dir, aligned_dir, _ = make_pair(work / "pair", args.size_gb * 1e9, verbose=False)
+        read_bytes = upload(client, Path(sft_dir), "bench", "sft") + upload(client, Path(aligned_dir), "bench", "aligned")
+        aligned_bytes = sum(p.stat().st_size for p in Path(aligned_dir).iterdir())
+        shutil.rmtree(work / "pair")
+
+        t = time.perf_counter()
+        from expo_ray.ray_runtime import note_worker_env
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        note_worker_env()
+        ray_start = time.perf_counter() - t
+        t = time.perf_counter()
+        result = extrapolate("s3://bench/sft", "s3://bench/aligned", alphas, "s3://bench/expo", show_progress=False)
+        expo_s = time.perf_counter() - t
+        expo_bytes = result.bytes_read + result.bytes_written
+        ray.shutdown()
+
+        env = dict(os.environ)
+        t = time.perf_counter()
+        for side in ("sft", "aligned"):
+            subprocess.run([str(aws), "--endpoint-url", server.endpoint, "s3", "cp", "--recursive", "--quiet",
+                            f"s3://bench/{side}", str(ramdisk / side)], check=True, env=env)
+        for i, _ in enumerate(alphas):
+            subprocess.run([str(aws), "--endpoint-url", server.endpoint, "s3", "cp", "--recursive", "--quiet",
+                            str(ramdisk / "aligned"), f"s3://bench/awscli/{i}"], check=True, env=env)
+        aws_s = time.perf_counter() - t
+        aws_bytes = read_bytes + aligned_bytes * len(alphas)
+    finally:
+        server.close()
+        shutil.rmtree(ramdisk, ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM")
+    print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
+    print(f"SeaweedFS on loopback; checkpoints {args.size_gb} GB each; alphas {alphas}; Ray start-up {ray_start:.1f} s (not counted)\n")
+    print("| method | bytes moved (GB) | wall s | throughput MB/s | vs AWS CLI |")
+    print("|---|---|---|---|---|")
+    aws_tp = aws_bytes / aws_s / 1e6
+    expo_tp = expo_bytes / expo_s / 1e6
+    print(f"| expo-ray extrapolate S3 -> S3 | {expo_bytes / 1e9:.2f} | {expo_s:.1f} | {expo_tp:.0f} | {expo_tp / aws_tp:.2f}x |")
+    print(f"| aws s3 cp (down + up, RAM disk) | {aws_bytes / 1e9:.2f} | {aws_s:.1f} | {aws_tp:.0f} | 1.00x |")
+
+
+if __name__ == "__main__":
+    main()
