@@ -38,7 +38,8 @@ class ExpoGroup(click.Group):
 def main(verbose: bool) -> None:
     """ExPO weight extrapolation on Ray: theta = aligned + alpha * (aligned - sft).
 
-    Sources are local model folders (safetensors shards with an index, config and tokenizer).
+    SRC is a model folder (safetensors shards, index, config, tokenizer): a local path,
+    s3://bucket/prefix or hf://org/name[@revision]. DST is a local path or s3://bucket/prefix.
     """
     _setup_logging(verbose)
 

@@ -1,0 +1,92 @@
+"""The evaluation report: report.json, report.md and a PNG of reward and length against alpha
+(the shape of the ExPO paper's Figure 6)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from datetime import datetime, timezone
+
+from .. import __version__
+from .aggregate import AlphaStats, best_alpha
+
+
+def report_json(stats: list[AlphaStats], context: dict) -> dict:
+    best = best_alpha(stats)
+    aligned = next((s for s in stats if s.alpha == 0.0), None)
+    return {
+        "format": "expo-ray.report/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "expo_ray_version": __version__,
+        **context,
+        "best": {"label": best.label, "alpha": best.alpha, "mean_reward": best.mean_reward,
+                 "gain_vs_aligned": (best.mean_reward - aligned.mean_reward) if aligned else None},
+        "results": [s.as_dict() for s in stats],
+    }
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# ExPO alpha search: {report.get('title', '')}".rstrip(": "), ""]
+    for key in ("aligned", "sft", "prompts", "reward_model"):
+        if report.get(key):
+            lines.append(f"- {key.replace('_', ' ')}: `{report[key]}`")
+    if report.get("sampling"):
+        lines.append("- sampling: " + ", ".join(f"{k}={v}" for k, v in report["sampling"].items()))
+    best = report["best"]
+    lines += ["", f"**Best alpha: {_fmt(best['alpha'])}** (mean reward {_fmt(best['mean_reward'])}"
+              + (f", {best['gain_vs_aligned']:+.3f} vs the aligned model)" if best["gain_vs_aligned"] is not None else ")"),
+              "", "| model | alpha | n | mean reward | 95% CI | mean tokens | truncated | win rate vs alpha=0 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['label']} | {_fmt(r['alpha'])} | {r['n']} | {_fmt(r['mean_reward'])} | "
+                     f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['mean_tokens'])} | "
+                     f"{_fmt(r['truncated_share'])} | {_fmt(r['win_rate_vs_aligned'])} |")
+    if report.get("plot"):
+        lines += ["", f"![reward and length against alpha]({report['plot']})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(stats: list[AlphaStats], title: str = "") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [s for s in stats if s.alpha is not None]
+    xs = [s.alpha for s in points]
+    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    ax_r.errorbar(xs, [s.mean_reward for s in points],
+                  yerr=[[s.mean_reward - s.ci_low for s in points], [s.ci_high - s.mean_reward for s in points]],
+                  marker="o", capsize=3)
+    sft = next((s for s in stats if s.alpha is None), None)
+    if sft is not None:
+        ax_r.axhline(sft.mean_reward, color="gray", linestyle="--", label="SFT")
+        ax_r.legend()
+    ax_r.set_xlabel("alpha")
+    ax_r.set_ylabel("mean reward (95% CI)")
+    ax_l.plot(xs, [s.mean_tokens for s in points], marker="s", color="tab:orange")
+    ax_l.set_xlabel("alpha")
+    ax_l.set_ylabel("mean response length (tokens)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(storage, stats: list[AlphaStats], context: dict, prefix: str = "") -> dict:
+    """Write report.png, report.json and report.md under `prefix` of `storage`; returns the report."""
+    key = (lambda name: f"{prefix}/{name}" if prefix else name)
+    storage.write_bytes(key("report.png"), plot_png(stats, context.get("title", "")))
+    report = report_json(stats, dict(context, plot="report.png"))
+    storage.write_bytes(key("report.json"), (json.dumps(report, indent=2) + "\n").encode())
+    storage.write_bytes(key("report.md"), report_markdown(report).encode())
+    return report

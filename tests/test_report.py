@@ -1,0 +1,71 @@
+"""Aggregation, alpha choice, report files; prompt sets and their bad inputs (no vLLM needed)."""
+import json
+
+import numpy as np
+import pytest
+
+from expo_ray.errors import ExpoError
+from expo_ray.evaluate.aggregate import Scored, best_alpha, bootstrap_ci, summarize, win_rate
+from expo_ray.evaluate.prompts import load_prompts
+from expo_ray.evaluate.report import write_report
+from expo_ray.storage import LocalStorage
+
+
+def scored(rewards, tokens=10, finish="stop"):
+    return [Scored(str(i), r, tokens, finish) for i, r in enumerate(rewards)]
+
+
+def test_summary_win_rate_and_best_alpha_ties_to_smaller():
+    results = {
+        "alpha_0.0": scored([0.0, 1.0, 2.0, 3.0]),
+        "alpha_0.3": scored([1.0, 1.0, 3.0, 4.0], tokens=12),
+        "alpha_0.5": scored([1.0, 1.0, 3.0, 4.0], tokens=20, finish="length"),
+        "sft": scored([-1.0, 0.0, 0.0, 0.0]),
+    }
+    alphas = {"alpha_0.0": 0.0, "alpha_0.3": 0.3, "alpha_0.5": 0.5, "sft": None}
+    stats = summarize(results, alphas)
+    assert [s.label for s in stats] == ["sft", "alpha_0.0", "alpha_0.3", "alpha_0.5"]
+    by = {s.label: s for s in stats}
+    assert by["alpha_0.3"].mean_reward == 2.25 and by["alpha_0.3"].win_rate_vs_aligned == (1 + 0.5 + 1 + 1) / 4
+    assert by["alpha_0.5"].truncated_share == 1.0 and by["alpha_0.0"].win_rate_vs_aligned == 0.5
+    assert best_alpha(stats).label == "alpha_0.3"  # tie with 0.5: the smaller alpha
+    assert by["alpha_0.3"].ci_low <= 2.25 <= by["alpha_0.3"].ci_high
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(size=50), rng.normal(size=5000)
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s) / 5
+    assert win_rate({"a": 1.0}, {"b": 0.0}) is None
+
+
+def test_report_files(tmp_path):
+    results = {"alpha_0.0": scored([0.0, 1.0]), "alpha_0.4": scored([1.0, 2.0], tokens=15)}
+    stats = summarize(results, {"alpha_0.0": 0.0, "alpha_0.4": 0.4})
+    report = write_report(LocalStorage(tmp_path), stats, {"title": "tiny", "prompts": "p.jsonl"})
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "report.json").read_text())["best"]["alpha"] == 0.4
+    assert report["best"]["gain_vs_aligned"] == 1.0
+    md = (tmp_path / "report.md").read_text()
+    assert "**Best alpha: 0.400**" in md and "| alpha_0.4 | 0.400 | 2 |" in md
+
+
+def test_prompt_files_and_bad_input(tmp_path):
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) for i in range(10)))
+    ps = load_prompts(str(tmp_path / "p.jsonl"))
+    assert len(ps.prompts) == 10 and ps.prompts[3].id == "q3" and ps.prompts[3].text == "question 3"
+    assert len(load_prompts(str(tmp_path / "p.jsonl"), limit=4).prompts) == 4
+    sampled = load_prompts(str(tmp_path / "p.jsonl"), sample=5, seed=7)
+    assert len(sampled.prompts) == 5 and sampled.prompts == load_prompts(str(tmp_path / "p.jsonl"), sample=5, seed=7).prompts
+    (tmp_path / "chat.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}]))
+    assert load_prompts(str(tmp_path / "chat.json")).prompts[0].text == "hi"
+    (tmp_path / "nofield.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(ExpoError, match="nofield.jsonl: no prompt field .*use --prompt-field"):
+        load_prompts(str(tmp_path / "nofield.jsonl"))
+    assert load_prompts(str(tmp_path / "nofield.jsonl"), field="text").prompts[0].text == "a"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ExpoError, match="empty.jsonl: the prompt set is empty"):
+        load_prompts(str(tmp_path / "empty.jsonl"))
