@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets -> vLLM generation -> reward scoring -> aggregation per alpha -> report."""
