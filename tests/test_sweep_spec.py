@@ -1,0 +1,51 @@
+"""Sweep specs: valid ones parse; bad ones fail before any work with the line and key named."""
+import pytest
+
+from expo_ray.sweep_spec import SpecError, parse_spec
+
+GOOD = """\
+destination: /tmp/sweep-out
+alphas: [0.1, 0.3]
+pairs:
+  - name: first
+    sft: /models/a-sft
+    aligned: /models/a-dpo
+  - sft: s3://bucket/b-sft
+    aligned: hf://org/b-dpo@main
+    alphas: [0.5, 1.0]
+    rules: {scale: ["*.mlp.*=0.5"], layer_scales: "1,1,2", exclude: ["lm_head.weight"]}
+evaluation:
+  prompts: [{set: ultrafeedback, limit: 100}, /data/p.jsonl]
+  reward_model: hf://weqweasdas/RM-Mistral-7B
+  tp: 8
+  sampling: {temperature: 0.7, max_tokens: 512}
+"""
+
+
+def test_good_spec():
+    spec = parse_spec(GOOD, "s.yaml")
+    assert [p.name for p in spec.pairs] == ["first", "b-dpo"]
+    assert spec.pairs[0].alphas == (0.1, 0.3) and spec.pairs[1].alphas == (0.5, 1.0)
+    assert spec.pairs[1].scale == ("*.mlp.*=0.5",) and spec.pairs[1].layer_scales == "1,1,2"
+    assert spec.evaluation.tp == 8 and spec.evaluation.prompts[0].limit == 100 and spec.evaluation.prompts[1].set == "/data/p.jsonl"
+    # Ids are deterministic and depend on the inputs, not on the name.
+    assert spec.pairs[0].pair_id == parse_spec(GOOD.replace("name: first", "name: renamed"), "s.yaml").pairs[0].pair_id
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("    aligned: /models/a-dpo", "    algined: /models/a-dpo"), "s.yaml line 6: pairs[0]: unknown key 'algined' (did you mean 'aligned'?)"),
+    (("alphas: [0.1, 0.3]", "alphas: [-0.1, 0.3]"), "s.yaml line 2: spec.alphas: -0.1 is negative"),
+    (("alphas: [0.1, 0.3]", "alphas: []"), "s.yaml line 2: spec.alphas: must be a non-empty list"),
+    (("  - sft: s3://bucket/b-sft\n", "  - name: x\n"), "missing required key 'sft'"),
+    (("destination: /tmp/sweep-out\n", ""), "spec: missing required key 'destination'"),
+    (("  tp: 8", "  tp: 0"), "s.yaml line 14: evaluation.tp: must be an integer >= 1"),
+    (("  sampling: {temperature: 0.7, max_tokens: 512}", "  sampling: {temprature: 0.7}"), "unknown key 'temprature' (did you mean 'temperature'?)"),
+    (("  - name: first", "  - name: b-dpo"), "'b-dpo' is used by another pair"),
+    (("pairs:", "pairs: [\n"), "not valid YAML"),
+])
+def test_bad_specs_name_line_and_key(edit, message):
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(SpecError) as exc:
+        parse_spec(GOOD.replace(old, new, 1), "s.yaml")
+    assert message in str(exc.value), str(exc.value)
