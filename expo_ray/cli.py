@@ -198,6 +198,97 @@ def verify(dst, quick):
         sys.exit(1)
 
 
+def _eval_options(f):
+    options = [
+        click.option("--prompts", "prompt_spec", required=True, metavar="SET|FILE",
+                     help="ultrafeedback (the paper's 1,000 test_gen prompts), alpaca_eval (805), or a JSON/JSONL/"
+                          "Parquet file (local, s3://, hf://datasets/org/name/path)."),
+        click.option("--prompt-field", default=None, help="Field holding the prompt (default: prompt, instruction, "
+                                                          "question, or the first user turn of messages)."),
+        click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts."),
+        click.option("--sample", type=click.IntRange(1), default=None, help="Use a random sample of N prompts."),
+        click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of --sample."),
+        click.option("--reward-model", required=True, metavar="SRC",
+                     help="A sequence-classification reward model (the paper used weqweasdas/RM-Mistral-7B)."),
+        click.option("--tp", type=click.IntRange(1), default=1, show_default=True,
+                     help="Tensor-parallel size of each generation engine (8 for 70B)."),
+        click.option("--reward-tp", type=click.IntRange(1), default=1, show_default=True,
+                     help="Tensor-parallel size of the reward engine."),
+        click.option("--max-engines", type=click.IntRange(1), default=None,
+                     help="Generation engines in parallel (default: one per model, as resources allow)."),
+        click.option("--include-sft", is_flag=True, help="Also evaluate the SFT model."),
+        click.option("--temperature", type=float, default=0.7, show_default=True),
+        click.option("--top-p", type=float, default=0.9, show_default=True),
+        click.option("--top-k", type=int, default=50, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.1, show_default=True),
+        click.option("--frequency-penalty", type=float, default=0.1, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True),
+        click.option("--seed", type=int, default=42, show_default=True, help="Sampling seed."),
+        click.option("--max-model-len", type=click.IntRange(16), default=None, help="vLLM max_model_len."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow model code from the checkpoints to run (off by default)."),
+        click.option("--eval-out", default=None, metavar="DST",
+                     help="Where responses, rewards and the report go (default: VARIANTS/eval/<set>-<id>)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_evaluation(variants, o, address):
+    from .evaluate.pipeline import EngineSettings, evaluate_variants
+    from .evaluate.prompts import load_prompts
+
+    prompts = load_prompts(o["prompt_spec"], field=o["prompt_field"], limit=o["limit"], sample=o["sample"],
+                           seed=o["sample_seed"])
+    sampling = {k: o[k] for k in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
+                                  "max_tokens", "seed")}
+    settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
+                              trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"])
+    report = evaluate_variants(variants, prompts, o["reward_model"], sampling=sampling, settings=settings,
+                               out_uri=o["eval_out"], include_sft=o["include_sft"], address=address)
+    click.echo(f"| {'model':<14} | {'alpha':>6} | {'mean reward':>11} | {'95% CI':>19} | {'tokens':>7} | {'win vs 0':>8} |")
+    for r in report["results"]:
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        win = "-" if r["win_rate_vs_aligned"] is None else f"{r['win_rate_vs_aligned']:.3f}"
+        click.echo(f"| {r['label']:<14} | {alpha:>6} | {r['mean_reward']:>11.4f} | "
+                   f"[{r['ci_low']:>8.4f}, {r['ci_high']:>8.4f}] | {r['mean_tokens']:>7.1f} | {win:>8} |")
+    click.echo(f"best alpha: {report['best']['alpha']}  report: {report['location']}/report.md")
+    return report
+
+
+@main.command()
+@click.option("--variants", required=True, metavar="DST",
+              help="A destination written by `expo-ray extrapolate` (or one variant folder in it).")
+@_eval_options
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
+def evaluate(variants, address, **o):
+    """Generate with every committed variant (and alpha 0), score with a reward model, report per alpha."""
+    _run_evaluation(variants, o, address)
+
+
+@main.command()
+@click.option("--sft", required=True, metavar="SRC", help="The SFT checkpoint.")
+@click.option("--aligned", required=True, metavar="SRC", help="The aligned checkpoint.")
+@click.option("--alpha", "alphas", default=DEFAULT_ALPHAS, show_default=True, metavar="LIST")
+@click.option("--out", required=True, metavar="DST", help="Destination of the variants (and the evaluation).")
+@_plan_options
+@_eval_options
+@click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
+def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched, allow_added_rows, chunk_mib,
+        address, **o):
+    """Extrapolate one pair, then evaluate every variant: the whole ExPO alpha search in one command."""
+    from .api import make_plan
+    from .extrapolate import default_command, run_plan
+    from .plan import parse_alphas
+
+    plan = make_plan(sft, aligned, parse_alphas(alphas), scales=scales, layer_scales=layer_scales, exclude=exclude,
+                     copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows)
+    run_plan(plan, out, chunk_mib=chunk_mib, address=address, command=default_command(), show_progress=True)
+    _run_evaluation(out, o, address)
+
+
 @main.command()
 @click.option("--workdir", default="expo-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the tiny models, variants and summary are written (models are reused).")

@@ -1,0 +1,98 @@
+"""Which models an evaluation covers, what identifies each one, and a local copy for vLLM.
+
+Only committed variants are evaluated: a folder without manifest.json is refused, and every
+variant is checked against its manifest first. alpha = 0 (the aligned model itself) is always
+included; the SFT model optionally.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import ExpoError
+from ..extrapolate import ROOT_INDEX
+from ..manifest import MANIFEST_FILE, find_variants, read_manifest, verify_variant
+from ..plan import variant_name
+from ..storage import LocalStorage, open_storage
+
+CACHE_DIR = os.environ.get("EXPO_RAY_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "expo-ray-models")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    label: str          # alpha_0.3, aligned, sft
+    alpha: float | None  # None for the SFT model
+    uri: str
+    identity: str       # changes whenever the weights could differ
+
+
+def checkpoint_identity(uri: str) -> str:
+    """Identity of a source checkpoint from its headers and files (no tensor reads)."""
+    ckpt = Checkpoint.open(uri, require_config=False)
+    h = hashlib.sha256(ckpt.uri.encode() if ckpt.uri.startswith("hf://") else b"")
+    for shard, header in ckpt.headers.items():
+        h.update(json.dumps([shard, header.file_size, [[t.name, t.dtype, list(t.shape), t.start] for t in header.tensors]]).encode())
+    return h.hexdigest()
+
+
+def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify: bool = False) -> list[ModelRef]:
+    """The committed variants under `variants_uri` (or the one variant it is), plus alpha 0 and optionally the SFT model."""
+    root = open_storage(variants_uri)
+    folders = [""] if root.exists(MANIFEST_FILE) else [f for f in find_variants(root) if not f.startswith((".expo-ray", "eval"))]
+    if not folders:
+        raise ExpoError(f"{root.describe()}: no variants here (no folder with {MANIFEST_FILE})")
+    refs, sources = [], set()
+    for folder in folders:
+        store = root.child(folder) if folder else root
+        manifest = read_manifest(store)
+        if manifest is None:
+            raise ExpoError(f"{store.describe()}: no {MANIFEST_FILE}: the variant was never committed (an interrupted "
+                            "run?); refusing to evaluate it. Re-run expo-ray extrapolate to finish it.")
+        check = verify_variant(store, deep=deep_verify)
+        if not check.ok:
+            raise ExpoError(f"{store.describe()}: does not match its manifest: {check.problems[0]}")
+        sources.add((manifest["sources"]["sft"], manifest["sources"]["aligned"]))
+        refs.append(ModelRef(manifest["variant"], float(manifest["alpha"]), store.uri, manifest["fingerprint"]))
+    if len(sources) != 1:
+        raise ExpoError(f"{root.describe()}: holds variants of different model pairs; evaluate one pair at a time")
+    sft, aligned = sources.pop()
+    if not any(r.alpha == 0.0 for r in refs):
+        refs.append(ModelRef(variant_name(0.0), 0.0, aligned, checkpoint_identity(aligned)))
+    if include_sft:
+        refs.append(ModelRef("sft", None, sft, checkpoint_identity(sft)))
+    return sorted(refs, key=lambda r: (r.alpha is not None, r.alpha or 0.0))
+
+
+def local_copy(uri: str, identity: str, cache_dir: str = CACHE_DIR) -> str:
+    """A local folder with the model at `uri` (vLLM loads from local disk): local paths as they are,
+    hf:// through the Hugging Face cache, s3:// copied once into `cache_dir` (keyed by identity)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        from ..storage.hub import _cache_dir, _offline, parse_hf_uri
+
+        repo, revision = parse_hf_uri(uri)
+        return snapshot_download(repo, revision=revision, cache_dir=_cache_dir(), local_files_only=_offline())
+    target = Path(cache_dir) / identity[:32]
+    done = target / ".complete"
+    if done.exists():
+        return str(target)
+    src = open_storage(uri)
+    dst = LocalStorage(target)
+    for key in src.list():
+        if key.startswith(".expo-ray/") or key == ROOT_INDEX:
+            continue
+        with src.open_reader(key) as r, dst.open_writer(key) as w:
+            step = 64 * 1024 * 1024
+            for offset in range(0, r.size, step):
+                w.write(r.read(offset, min(step, r.size - offset)))
+            w.commit()
+    done.write_text(identity)
+    return str(target)

@@ -1,0 +1,189 @@
+"""Evaluation on Ray: generate with every model, score with the reward model, aggregate, report.
+
+    models (committed variants + alpha 0 [+ SFT])
+      -> generation actors (one vLLM engine each, one model at a time)
+      -> reward actor (a sequence-classification reward model in vLLM)
+      -> per-alpha statistics -> report.json / report.md / report.png
+
+Results are cached in the output folder, keyed by (model identity, prompt set, sampling) for
+generations and additionally by the reward model for rewards: a re-run reuses what exists and
+fills in only what is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from ..errors import ExpoError
+from ..ray_runtime import ensure_ray, task_options
+from ..storage import Storage, open_storage
+from .aggregate import Scored, summarize
+from .models import ModelRef, checkpoint_identity, local_copy, models_to_evaluate
+from .prompts import PromptSet
+from .report import write_report
+
+log = logging.getLogger("expo_ray")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    tp: int = 1
+    reward_tp: int = 1
+    use_gpu: bool | None = None     # None: GPUs if the cluster has any
+    max_model_len: int | None = None
+    trust_remote_code: bool = False
+    max_engines: int | None = None  # generation engines in parallel (default: as many as fit)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _generation_actor(ray):
+    @ray.remote
+    class GenerationActor:
+        """Holds one vLLM engine at a time; loads each model it is given, generates for all prompts."""
+
+        def __init__(self, settings: dict):
+            self.settings = settings
+            self.engine = None
+            self.loaded = None
+
+        def generate(self, uri: str, identity: str, prompts: list[str], sampling: dict) -> list[dict]:
+            from .vllm_engine import GenerationEngine, SamplingSettings
+
+            path = local_copy(uri, identity)
+            if self.loaded != path:
+                self.engine = None  # free the previous engine before starting the next
+                import gc
+
+                gc.collect()
+                self.engine = GenerationEngine(path, tensor_parallel_size=self.settings["tp"],
+                                               max_model_len=self.settings.get("max_model_len"),
+                                               trust_remote_code=self.settings.get("trust_remote_code", False))
+                self.loaded = path
+            outs = self.engine.generate(prompts, SamplingSettings(**sampling))
+            return [{"output": g.text, "tokens": g.token_count, "finish_reason": g.finish_reason} for g in outs]
+
+    return GenerationActor
+
+
+def _reward_actor(ray):
+    @ray.remote
+    class RewardActor:
+        def __init__(self, path: str, settings: dict):
+            from .vllm_engine import RewardEngine
+
+            self.engine = RewardEngine(path, tensor_parallel_size=settings["reward_tp"],
+                                       trust_remote_code=settings.get("trust_remote_code", False))
+
+        def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+            return self.engine.score(prompts, responses)
+
+    return RewardActor
+
+
+def _cluster_has_gpus(ray) -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _read_json(store: Storage, key: str):
+    return json.loads(store.read_bytes(key)) if store.exists(key) else None
+
+
+def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, *, sampling: dict,
+                      settings: EngineSettings = EngineSettings(), out_uri: str | None = None,
+                      include_sft: bool = False, address: str | None = None, title: str = "") -> dict:
+    """Evaluate every committed variant under `variants_uri`; returns the report (also written)."""
+    from .vllm_engine import SamplingSettings, check_reward_model
+
+    began = time.perf_counter()
+    sampling = asdict(SamplingSettings(**sampling))
+    models = models_to_evaluate(variants_uri, include_sft)
+    reward_path = local_copy(reward_model, checkpoint_identity(reward_model)) if "://" in reward_model else reward_model
+    check_reward_model(reward_path)
+    reward_id = checkpoint_identity(reward_model)
+    eval_id = _key(prompts.fingerprint, sampling, reward_id)[:12]
+    out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
+
+    texts = [p.text for p in prompts.prompts]
+    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len) for m in models}
+    todo = [m for m in models if not out.exists(f"cache/generations-{gen_keys[m.label]}.json")]
+    log.info("evaluating %d model(s) on %d prompts (%s); %d need generation, the rest are cached",
+             len(models), len(texts), prompts.name, len(todo))
+
+    ray = ensure_ray(address)
+    use_gpu = _cluster_has_gpus(ray) if settings.use_gpu is None else settings.use_gpu
+    engine_settings = {"tp": settings.tp, "reward_tp": settings.reward_tp, "max_model_len": settings.max_model_len,
+                       "trust_remote_code": settings.trust_remote_code}
+    if todo:
+        from .placement import plan_engine
+
+        placement = plan_engine(settings.tp, use_gpu=use_gpu)
+        n_engines = max(1, min(len(todo), settings.max_engines or len(todo)))
+        actor_cls = _generation_actor(ray)
+        actors = [actor_cls.options(**task_options(**placement.actor_options)).remote(engine_settings)
+                  for _ in range(n_engines)]
+        pending = {}
+        queue = list(todo)
+        free = list(actors)
+        while queue or pending:
+            while queue and free:
+                model, actor = queue.pop(0), free.pop()
+                pending[actor.generate.remote(model.uri, model.identity, texts, sampling)] = (model, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            model, actor = pending.pop(done[0])
+            generations = ray.get(done[0])
+            out.write_bytes(f"cache/generations-{gen_keys[model.label]}.json", json.dumps(generations).encode())
+            log.info("generated %s (%d answers)", model.label, len(generations))
+            free.append(actor)
+        for actor in actors:
+            ray.kill(actor)
+
+    reward_keys = {m.label: _key(gen_keys[m.label], reward_id) for m in models}
+    to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
+    if to_score:
+        from .placement import plan_engine
+
+        placement = plan_engine(settings.reward_tp, use_gpu=use_gpu)
+        scorer = _reward_actor(ray).options(**task_options(**placement.actor_options)).remote(reward_path, engine_settings)
+        for m in to_score:
+            generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
+            rewards = ray.get(scorer.score.remote(texts, [g["output"] for g in generations]))
+            out.write_bytes(f"cache/rewards-{reward_keys[m.label]}.json", json.dumps(rewards).encode())
+            log.info("scored %s", m.label)
+        ray.kill(scorer)
+
+    results, alphas = {}, {}
+    for m in models:
+        generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
+        rewards = _read_json(out, f"cache/rewards-{reward_keys[m.label]}.json")
+        if generations is None or rewards is None or len(rewards) != len(generations) != len(texts):
+            raise ExpoError(f"{out.describe()}: results for {m.label} are incomplete")
+        _write_responses(out, m, prompts, generations, rewards)
+        results[m.label] = [Scored(p.id, r, g["tokens"], g["finish_reason"])
+                            for p, g, r in zip(prompts.prompts, generations, rewards)]
+        alphas[m.label] = m.alpha
+    stats = summarize(results, alphas)
+    context = {"title": title or variants_uri, "variants": variants_uri, "prompts": prompts.source,
+               "prompt_set": prompts.name, "n_prompts": len(texts), "reward_model": reward_model,
+               "sampling": sampling, "tensor_parallel_size": settings.tp,
+               "models": {m.label: m.uri for m in models}, "seconds": round(time.perf_counter() - began, 1)}
+    report = write_report(out, stats, context)
+    report["location"] = out.uri
+    log.info("report: %s/report.md", out.uri)
+    return report
+
+
+def _write_responses(out: Storage, m: ModelRef, prompts: PromptSet, generations: list[dict], rewards: list[float]):
+    """responses/LABEL.jsonl and the AlpacaEval-format responses/LABEL.alpaca_eval.json."""
+    lines = [json.dumps({"prompt_id": p.id, "prompt": p.text, "output": g["output"], "tokens": g["tokens"],
+                         "finish_reason": g["finish_reason"], "reward": r})
+             for p, g, r in zip(prompts.prompts, generations, rewards)]
+    out.write_bytes(f"responses/{m.label}.jsonl", ("\n".join(lines) + "\n").encode())
+    alpaca = [{"instruction": p.text, "output": g["output"], "generator": f"expo-{m.label}",
+               "dataset": p.dataset or prompts.name} for p, g in zip(prompts.prompts, generations)]
+    out.write_bytes(f"responses/{m.label}.alpaca_eval.json", json.dumps(alpaca, indent=1).encode())

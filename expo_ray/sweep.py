@@ -1,0 +1,149 @@
+"""`expo-ray sweep SPEC`: extrapolate and evaluate many model pairs in one Ray job.
+
+Pairs run in parallel (their shard tasks and engines share the cluster); finished work is never
+redone: variant folders are named by deterministic ids of their inputs, committed manifests are
+the truth, and evaluation results are cached by (model, prompts, sampling, reward model).
+Layout under the destination:
+
+    DEST/leaderboard.json, leaderboard.md, leaderboard.png   best alpha and reward gain per pair
+    DEST/PAIR-ID/variants/alpha_*/                          committed variants (see README)
+    DEST/PAIR-ID/variants/eval/SET-ID/                      responses, rewards, report per prompt set
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .api import make_plan
+from .errors import ExpoError
+from .extrapolate import run_plan
+from .storage import open_storage
+from .sweep_spec import PairSpec, SweepSpec
+
+log = logging.getLogger("expo_ray")
+
+
+@dataclass
+class PairOutcome:
+    pair: PairSpec
+    variants_uri: str
+    extrapolated: dict = field(default_factory=dict)
+    reports: list = field(default_factory=list)
+    work_done: bool = False
+
+
+def check_destination(uri: str) -> None:
+    """Fail before any work if the destination cannot be written."""
+    store = open_storage(uri)
+    probe = f".expo-ray/write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        store.write_bytes(probe, b"ok")
+        store.delete(probe)
+    except ExpoError as exc:
+        raise ExpoError(f"destination {uri} is not writable: {exc}") from None
+
+
+def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: bool = True,
+              max_parallel_pairs: int = 4) -> dict:
+    began = time.perf_counter()
+    check_destination(spec.destination)
+    # Every pair is opened and validated before anything runs: missing or mismatched models stop
+    # the sweep here, with all problems listed.
+    plans, problems = {}, []
+    for pair in spec.pairs:
+        try:
+            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, scales=pair.scale,
+                                           layer_scales=pair.layer_scales, exclude=pair.exclude,
+                                           copy_unmatched=pair.copy_unmatched, allow_added_rows=pair.allow_added_rows)
+        except ExpoError as exc:
+            problems.append(f"pair {pair.name!r}: {exc}")
+    if problems:
+        raise ExpoError(f"{spec.path}: sweep not started:\n  " + "\n  ".join(problems))
+    from .ray_runtime import ensure_ray
+
+    ensure_ray(address)
+    dest = spec.destination.rstrip("/")
+
+    def one_pair(pair: PairSpec) -> PairOutcome:
+        outcome = PairOutcome(pair, f"{dest}/{pair.folder}/variants")
+        result = run_plan(plans[pair.folder], outcome.variants_uri, chunk_mib=spec.chunk_mib, address=address,
+                          command=f"expo-ray sweep {spec.path}", show_progress=show_progress and len(spec.pairs) == 1)
+        outcome.extrapolated = result.variants
+        outcome.work_done |= any(v == "written" for v in result.variants.values())
+        if spec.evaluation is not None:
+            outcome.reports = _evaluate_pair(spec, outcome)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel_pairs, len(spec.pairs)))) as pool:
+        outcomes = list(pool.map(one_pair, spec.pairs))
+    board = leaderboard(outcomes)
+    board["seconds"] = round(time.perf_counter() - began, 1)
+    board["work_done"] = any(o.work_done for o in outcomes)
+    _write_leaderboard(open_storage(dest), board)
+    return board
+
+
+def _evaluate_pair(spec: SweepSpec, outcome: PairOutcome) -> list[dict]:
+    from .evaluate.pipeline import EngineSettings, evaluate_variants
+    from .evaluate.prompts import load_prompts
+
+    e = spec.evaluation
+    reports = []
+    for ps in e.prompts:
+        prompts = load_prompts(ps.set, field=ps.field, limit=ps.limit, sample=ps.sample, seed=ps.seed)
+        report = evaluate_variants(outcome.variants_uri, prompts, e.reward_model, sampling=e.sampling,
+                                   settings=EngineSettings(tp=e.tp, reward_tp=e.reward_tp),
+                                   include_sft=e.include_sft, title=outcome.pair.name)
+        outcome.work_done |= report.get("work_done", False)
+        reports.append(report)
+    return reports
+
+
+def leaderboard(outcomes: list[PairOutcome]) -> dict:
+    rows = []
+    for o in outcomes:
+        base = {"pair": o.pair.name, "id": o.pair.pair_id, "sft": o.pair.sft, "aligned": o.pair.aligned,
+                "variants": o.variants_uri, "alphas": list(o.pair.alphas)}
+        if not o.reports:
+            rows.append(base)
+        for r in o.reports:
+            aligned = next((x for x in r["results"] if x["alpha"] == 0.0), None)
+            rows.append({**base, "prompts": r["prompt_set"], "best_alpha": r["best"]["alpha"],
+                         "best_reward": r["best"]["mean_reward"],
+                         "aligned_reward": aligned["mean_reward"] if aligned else None,
+                         "gain": r["best"]["gain_vs_aligned"], "report": f"{r['location']}/report.md"})
+    return {"format": "expo-ray.leaderboard/1", "pairs": rows}
+
+
+def _write_leaderboard(store, board: dict) -> None:
+    store.write_bytes("leaderboard.json", (json.dumps(board, indent=2) + "\n").encode())
+    lines = ["# ExPO sweep leaderboard", "", "| pair | prompts | best alpha | best reward | alpha=0 reward | gain | report |",
+             "|---|---|---|---|---|---|---|"]
+    for r in board["pairs"]:
+        fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {r['pair']} | {r.get('prompts', '-')} | {fmt(r.get('best_alpha'))} | {fmt(r.get('best_reward'))} | "
+                     f"{fmt(r.get('aligned_reward'))} | {fmt(r.get('gain'))} | {r.get('report', r['variants'])} |")
+    store.write_bytes("leaderboard.md", ("\n".join(lines) + "\n").encode())
+    scored = [r for r in board["pairs"] if r.get("gain") is not None]
+    if scored:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(scored)), 3.4), dpi=120)
+        ax.bar([f"{r['pair']}\n{r['prompts']}" for r in scored], [r["gain"] for r in scored])
+        for i, r in enumerate(scored):
+            ax.annotate(f"alpha={r['best_alpha']:g}", (i, r["gain"]), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("reward gain of the best alpha over alpha=0")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        store.write_bytes("leaderboard.png", buf.getvalue())
