@@ -1,33 +1,45 @@
 /*
  * expo_ray._kernel -- the correctly rounded ExPO extrapolation kernel (C backend).
  *
- * For every element and every alpha a (a float64), the output is the exact real value
- *     x1 + a * (x1 - x0)        (x1 = aligned, x0 = sft)
+ * For every element and every alpha a (a float64) the output is the exact real value
+ *     v = x1 + a * (x1 - x0)        (x1 = aligned, x0 = sft)
  * rounded ONCE to nearest, ties to even, into the input format (BF16, F16, F32 or F64).
- * Inputs and outputs are raw bits (uint16/uint32/uint64 buffers). The inputs are read
- * once per block and every alpha's output is written from that block.
+ * Inputs and outputs are raw bits. The inputs are read once per block of BLK elements and
+ * every alpha's output is written from that block (outputs may alias the inputs).
  *
- * How it is fast and still exact:
+ * Three tiers; each element takes the first that can PROVE its result:
  *
- *  1. Fast path (vectorized). BF16/F16 are computed in float32, F32 in float64:
- *         d = x1 - x0;  p = a*d;  r = x1 + p
- *     with a rigorous bound B >= |r - v| (v the exact value):
- *         float32:  B = 2^-22 (|r| + |p|) + 2^-148     (u = 2^-24; covers the rounding of a to
- *                                                       float32, of d, p, r, the underflow of p,
- *                                                       and the rounding of r -/+ B)
- *         float64:  B = 2^-51 (|r| + |p|) + 2^-1070    (u = 2^-53)
- *     Rounding to nearest is monotone, so if r-B and r+B round to the same output bits, that
- *     is the correctly rounded v. Otherwise the element is flagged (it lies within B of a
- *     rounding boundary, is non-finite, or rounds to zero inexactly).
- *     Exact ties (frequent with dyadic alphas such as 0.5) never pass that test, so when a is
- *     exact in the working precision the fast path also proves, per element, that d, p and r
- *     were computed exactly (TwoSum error zero, fma product error zero, no underflow); then
- *     B = 0 and rounding r itself is the answer, ties included.
- *  2. Slow path (scalar, flagged elements only): exact_generic() sums the three exact terms
- *     x1 + a*x1 - a*x0 (each a <=106-bit integer times a power of two) in a fixed-point
- *     big integer and rounds it to nearest-even by integer arithmetic (subnormals, overflow).
- *  3. F64 uses an error-free double-double evaluation (TwoSum / fma TwoProduct) with a guard
- *     that proves the leading double is the correctly rounded result; the rest goes to (2).
+ *  Tier 1 (vectorized, every element). BF16/F16 in float32, F32 in float64:
+ *      d = x1 - x0,  p = a*d,  r = x1 + p             (float32: a rounded to a32 = (float)a)
+ *    Error bound. float32, u = 2^-24: with a32 = a(1+e_a), fl(d) = d(1+e1),
+ *    fl(p) = a32 fl(d) (1+e2) + eta (|eta| <= 2^-150, underflow), r = (x1 + fl(p))(1+e3):
+ *      |r - v| <= 1.0000001 u|r| + 3.0000005 u|p| + 1.0001 * 2^-150
+ *             <  B = fma(|r| + |p|, 2^-22, 2^-148)    (also covers B's own rounding and, where
+ *                                                       lo/hi are formed, that of r -/+ B)
+ *    and float64 (a exact, no underflow for |a| >= 2^-800): B = fma(|r|+|p|, 2^-51, 2^-1070).
+ *    Rounding to nearest is monotone, so if no rounding boundary (a midpoint between two
+ *    neighbours of the output format) lies within B of r, RN(v) = RN(r).
+ *      BF16/F16: the boundaries are the float32 values whose dropped low bits (16 / 13) are
+ *      100...0; the nearest one outside r's binade is >= 2^11 ulp32(r) away. For
+ *      |r| >= 2^-120 and |p| <= c|r|, B < (4 (1 + c) + 0.04) ulp32(r), so "dropped bits more
+ *      than K = 4 (1 + c) + 1 away from 100...0" (c = 1 or 256) proves it; else flagged.
+ *      F32: fl(r - B) and fl(r + B) converted to float must give the same bits.
+ *    Exact ties (frequent with dyadic alphas: 0.5, 0.25, 2) always sit on a boundary, so when a
+ *    is exact in the working precision the loop also proves per element that d, p and r are
+ *    exact (TwoSum error 0, fma product error 0, no underflow), and x1 == x0 is always exact;
+ *    then r = v and RN(r) is the answer, ties included.
+ *    Also flagged: non-finite r, inexact zero results (their sign), F16 results outside the
+ *    normal range.
+ *  Tier 2 (flagged elements, gathered, vectorized in float64). Recompute the tier-1 bracket
+ *    [fl(r - B), fl(r + B)] and round both ends: equal -> done; adjacent values rl < rh -> the
+ *    boundary is m = (rl + rh)/2, and the sign of v - m = (x1 - m) + a*d is found exactly with
+ *    TwoSum / fma TwoProduct (every step checked exact). Near-ties that no float64 evaluation
+ *    resolves (alpha = 0.1 or 0.3 put ~9% of bf16 results within 2^-54 of a midpoint) end here.
+ *  Tier 3 (rare: wide exponent gaps, zeros of unknown sign, specials, extreme alphas):
+ *    exact_generic() sums the exact terms x1 + a*x1 - a*x0 (each a <= 106-bit integer times a
+ *    power of two) in a fixed-point big integer and rounds by integer arithmetic.
+ *  F64: an error-free double-double evaluation with a guard that proves the leading double is
+ *    RN(v) (chain_f64), else tier 3.
  *
  * Special cases: alpha == 0 copies the aligned bits. If the exact value is zero its sign is
  * the sign of the IEEE float64 evaluation of x1 + a*(x1 - x0). If an input is inf/NaN the
@@ -35,7 +47,8 @@
  * NaN (positive, no payload) so the C and NumPy backends agree bit for bit.
  *
  * The GIL is released while computing. Rounding mode is forced to nearest and FTZ/DAZ are
- * cleared for the duration of a call (and restored afterwards).
+ * cleared for the duration of a call (and restored afterwards). Built with -ffp-contract=off:
+ * every fma is explicit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,12 +59,14 @@
 #include <string.h>
 #include <fenv.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
 #define EXPO_HAVE_MXCSR 1
+#define EXPO_HAVE_STREAM 1
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && __GNUC__ >= 11
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && __GNUC__ >= 11 \
+    && !defined(EXPO_NO_CLONES)
 #define KCLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define EXPO_CLONES_DESC "target_clones(x86-64-v4, x86-64-v3, default)"
 #else
@@ -544,6 +559,10 @@ typedef struct {
     int fmt;
     int m;                      /* elements in this block */
     uint16_t H1[BLK], H0[BLK];  /* BF16/F16 raw bits (block-local: outputs may alias inputs) */
+    uint16_t O16[BLK];          /* one alpha's block of output, finished here, then stored */
+    uint32_t O32[BLK];
+    uint64_t O64[BLK];
+    int stream;                 /* store outputs with non-temporal stores (large calls) */
     uint32_t S1[BLK], S0[BLK];  /* F32 raw bits */
     uint64_t R1[BLK], R0[BLK];  /* F64 raw bits */
     float X1f[BLK], X0f[BLK], Df[BLK];   /* BF16/F16: x1, x0, fl32(x1 - x0) */
@@ -566,13 +585,14 @@ KINLINE uint32_t two_sum_exact(double a, double b, double s)
     return ((a - (s - bb)) + (b - bb)) == 0.0;
 }
 
-/* Tier 2 for one flagged element. The tier-1 bracket [lo, hi] holds v; if its two roundings
- * rl <= rh are adjacent finite values, RN(v) is rl or rh and the boundary is m = (rl + rh)/2
- * (exact in float64). sign(v - m) = sign((x1 - m) + a*d) is decided exactly: d = x1 - x0,
- * e = x1 - m and s = e + ph must be exact (checked), a*d = ph + pl exactly (fma), and
- * RN(s + pl) has the sign of s + pl (and is 0 only if s + pl is: a tie, nearest-even).
- * lo/hi are recomputed as tier 1 computed them (the same IEEE operations give the same bits).
- * Returns 0 when it cannot decide (then tier 3). Branch free: flagged elements are random. */
+/* Tier 2 for one flagged element. The bracket [lo, hi] = [fl(r - B), fl(r + B)] holds v (see
+ * the header), and rl = RN(lo) <= RN(v) <= rh = RN(hi). If rl == rh, that is RN(v). If they
+ * are adjacent finite values, RN(v) is rl or rh and the boundary is m = (rl + rh)/2 (exact in
+ * float64); sign(v - m) = sign((x1 - m) + a*d) is decided exactly: d = x1 - x0, e = x1 - m and
+ * s = e + ph must be exact (checked), a*d = ph + pl exactly (fma), and RN(s + pl) has the sign
+ * of s + pl (and is 0 only if s + pl is: a tie, nearest-even). Zero results are refused (the
+ * sign of an exact zero comes from the IEEE evaluation). Returns 0 when it cannot decide (then
+ * tier 3). Branch free: the flagged elements are random, mispredicted branches cost more. */
 KINLINE uint32_t tier2_half(int fmt, double x1, double x0, float x1f, float df, float a32,
                             double a, uint32_t *res)
 {
@@ -739,6 +759,28 @@ static void run_generic(block_t *b, double a, void *out)
     b->n_tier3 += (uint64_t)b->m;
 }
 
+/* Store a finished block of output. Large calls use non-temporal stores: the outputs are not
+ * read again soon, and skipping the read-for-ownership of every line saves memory bandwidth. */
+static void put_block(const block_t *b, void *dst, const void *src, size_t bytes)
+{
+#ifdef EXPO_HAVE_STREAM
+    if (b->stream) {
+        char *d = (char *)dst;
+        const char *s = (const char *)src;
+        size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+        if (head > bytes)
+            head = bytes;
+        memcpy(d, s, head);
+        d += head; s += head; bytes -= head;
+        for (; bytes >= 16; bytes -= 16, d += 16, s += 16)
+            _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+        memcpy(d, s, bytes);
+        return;
+    }
+#endif
+    memcpy(dst, src, bytes);
+}
+
 static void run_half(block_t *b, const uint16_t *x1, const uint16_t *x0, Py_ssize_t n,
                      const double *alphas, const int *modes, int na, void **outs)
 {
@@ -751,15 +793,16 @@ static void run_half(block_t *b, const uint16_t *x1, const uint16_t *x0, Py_ssiz
         memset(b->flag16 + b->m, 0, (size_t)(BLK - b->m) * 2);
         prep_half(b->fmt, b->H1, b->H0, b->m, b->X1f, b->X0f, b->Df, b->DEXf);
         for (j = 0; j < na; j++) {
-            uint16_t *o = (uint16_t *)outs[j] + start;
+            uint16_t *o = b->O16;
             double a = alphas[j];
             if (modes[j] == MODE_COPY)
-                memcpy(o, b->H1, (size_t)b->m * 2);
+                o = b->H1;
             else if (modes[j] == MODE_GENERIC)
                 run_generic(b, a, o);
             else if (alpha_half(b->fmt, modes[j] == MODE_FAST_CHECK, b->X1f, b->Df, b->DEXf, b->m,
                                 (float)a, o, b->flag16))
                 fix_flagged(b, a, o);
+            put_block(b, (uint16_t *)outs[j] + start, o, (size_t)b->m * 2);
         }
     }
 }
@@ -776,14 +819,15 @@ static void run_f32(block_t *b, const uint32_t *x1, const uint32_t *x0, Py_ssize
         memset(b->flag32 + b->m, 0, (size_t)(BLK - b->m) * 4);
         prep_f32(b->S1, b->S0, b->m, b->X1, b->X0, b->D, b->DEX);
         for (j = 0; j < na; j++) {
-            uint32_t *o = (uint32_t *)outs[j] + start;
+            uint32_t *o = b->O32;
             double a = alphas[j];
             if (modes[j] == MODE_COPY)
-                memcpy(o, b->S1, (size_t)b->m * 4);
+                o = b->S1;
             else if (modes[j] == MODE_GENERIC)
                 run_generic(b, a, o);
             else if (alpha_f32(modes[j] == MODE_FAST_CHECK, b->X1, b->D, b->DEX, b->m, a, o, b->flag32))
                 fix_flagged(b, a, o);
+            put_block(b, (uint32_t *)outs[j] + start, o, (size_t)b->m * 4);
         }
     }
 }
@@ -800,10 +844,10 @@ static void run_f64(block_t *b, const uint64_t *x1, const uint64_t *x0, Py_ssize
         memcpy(b->X1, b->R1, (size_t)b->m * 8);
         memcpy(b->X0, b->R0, (size_t)b->m * 8);
         for (j = 0; j < na; j++) {
-            uint64_t *o = (uint64_t *)outs[j] + start;
+            uint64_t *o = b->O64;
             double a = alphas[j];
             if (modes[j] == MODE_COPY) {
-                memcpy(o, b->R1, (size_t)b->m * 8);
+                o = b->R1;
             } else if (modes[j] == MODE_GENERIC) {
                 run_generic(b, a, o);
             } else {
@@ -815,6 +859,7 @@ static void run_f64(block_t *b, const uint64_t *x1, const uint64_t *x0, Py_ssize
                         b->n_tier3++;
                     }
             }
+            put_block(b, (uint64_t *)outs[j] + start, o, (size_t)b->m * 8);
         }
     }
 }
@@ -844,6 +889,10 @@ static void run_kernel(block_t *b, const void *x1, const void *x0, Py_ssize_t n,
         run_f64(b, (const uint64_t *)x1, (const uint64_t *)x0, n, alphas, modes, na, outs);
         break;
     }
+#ifdef EXPO_HAVE_STREAM
+    if (b->stream)
+        _mm_sfence(); /* non-temporal stores are visible before we return */
+#endif
 #ifdef EXPO_HAVE_MXCSR
     _mm_setcsr(csr);
 #else
@@ -946,6 +995,8 @@ static PyObject *py_extrapolate_into(PyObject *self, PyObject *args)
     }
     blk->fmt = fmt;
     blk->n_tier2 = blk->n_tier3 = 0;
+    /* outputs much larger than the caches: stream them (keep small results in cache) */
+    blk->stream = (double)b_al.len * (double)na >= 8.0 * 1024 * 1024;
     Py_BEGIN_ALLOW_THREADS
     run_kernel(blk, b_al.buf, b_sft.buf, n, alphas, modes, (int)na, outs);
     Py_END_ALLOW_THREADS

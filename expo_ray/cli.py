@@ -290,6 +290,36 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
 
 
 @main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
+@click.option("--check", is_flag=True, help="Validate the spec and the models it names; run nothing.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def sweep(spec_path, address, check, no_progress):
+    """Extrapolate and evaluate every model pair of a sweep spec (YAML); finished work is skipped."""
+    from .sweep import run_sweep
+    from .sweep_spec import load_spec
+
+    spec = load_spec(spec_path)
+    if check:
+        from .api import make_plan
+        from .sweep import check_destination
+
+        check_destination(spec.destination)
+        for pair in spec.pairs:
+            make_plan(pair.sft, pair.aligned, pair.alphas, scales=pair.scale, layer_scales=pair.layer_scales,
+                      exclude=pair.exclude, copy_unmatched=pair.copy_unmatched, allow_added_rows=pair.allow_added_rows)
+        click.echo(f"{spec_path}: valid; {len(spec.pairs)} pair(s), destination {spec.destination}")
+        return
+    board = run_sweep(spec, address=address, show_progress=not no_progress)
+    for row in board["pairs"]:
+        gain = row.get("gain")
+        click.echo(f"{row['pair']}: " + (f"best alpha {row['best_alpha']:g}, gain {gain:+.4f} ({row['prompts']})"
+                                         if gain is not None else f"variants at {row['variants']}"))
+    click.echo("nothing to do: every variant and evaluation was already complete" if not board["work_done"]
+               else f"done in {board['seconds']} s; leaderboard: {spec.destination.rstrip('/')}/leaderboard.md")
+
+
+@main.command()
 @click.option("--workdir", default="expo-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the tiny models, variants and summary are written (models are reused).")
 @click.option("--alpha", "alphas", default="0,0.1,0.3,0.5,1", show_default=True, metavar="LIST",

@@ -67,7 +67,8 @@ def reference(aligned: torch.Tensor, sft: torch.Tensor, alpha: float) -> torch.T
         frac = np.ldexp(v, -q) - np.floor(np.ldexp(v, -q))
         distance = np.abs(frac - 0.5) * np.ldexp(1.0, q)
         bound = 8 * U * (np.abs(x1) + np.abs(d)) + 2.0 ** -1070
-        near = np.isfinite(v) & (distance <= bound)
+        # Also every value that may have cancelled to (nearly) zero: its grid is not v's grid.
+        near = np.isfinite(v) & ((distance <= bound) | (np.abs(v) <= 4 * bound))
     for i in np.flatnonzero(near):
         exact = Fraction(x1[i]) + Fraction(alpha) * (Fraction(x1[i]) - Fraction(x0[i]))
         r[i] = round_exact(exact, aligned.dtype) if exact != 0 else np.copysign(0.0, v[i])
