@@ -79,6 +79,15 @@ class _Outputs:
         self.hashes[i].update(view)
         self.sizes[i] += len(view)
 
+    def write_all(self, chunks, hasher: ThreadPoolExecutor) -> None:
+        """Write one chunk per output while another thread hashes them (both release the GIL)."""
+        views = [memoryview(c).cast("B") for c in chunks]
+        hashed = hasher.submit(lambda: [h.update(v) for h, v in zip(self.hashes, views)])
+        for i, view in enumerate(views):
+            self.writers[i].write(view)
+            self.sizes[i] += len(view)
+        hashed.result()  # the chunk buffers may be reused once this returns
+
     def commit(self) -> None:
         for w in self.writers:
             w.commit()
@@ -96,9 +105,10 @@ class _IO:
     reader: ThreadPoolExecutor   # prefetches the next chunk of the aligned tensor
     side: ThreadPoolExecutor     # reads the matching SFT chunk at the same time
     writer: ThreadPoolExecutor   # one thread: chunks are written strictly in order
+    hasher: ThreadPoolExecutor   # sha256 of the outputs, alongside the writes
 
     def shutdown(self) -> None:
-        for pool in (self.reader, self.side, self.writer):
+        for pool in (self.reader, self.side, self.writer, self.hasher):
             pool.shutdown(wait=True)
 
 
@@ -190,7 +200,8 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
     compute_s = 0.0
     io_pool = _IO(ThreadPoolExecutor(1, thread_name_prefix="expo-read"),
                   ThreadPoolExecutor(1, thread_name_prefix="expo-read-sft"),
-                  ThreadPoolExecutor(1, thread_name_prefix="expo-write"))
+                  ThreadPoolExecutor(1, thread_name_prefix="expo-write"),
+                  ThreadPoolExecutor(1, thread_name_prefix="expo-hash"))
     try:
         for i, header in enumerate(headers):
             outputs.write(i, header)
@@ -255,7 +266,7 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
             began = time.perf_counter()
             chunks = _compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot)
             compute_s += time.perf_counter() - began
-        writes[slot] = io_pool.writer.submit(_write_all, outputs, chunks)
+        writes[slot] = io_pool.writer.submit(outputs.write_all, chunks, io_pool.hasher)
         if progress is not None:
             progress(count * itemsize)
         if CHUNK_DELAY_S:
@@ -279,7 +290,3 @@ def _compute_chunk(t: TensorPlan, bits, a_bytes, s_bytes, effective, count, out_
         o[n_shared:] = a[n_shared:]
     return outs
 
-
-def _write_all(outputs: _Outputs, chunks) -> None:
-    for i, data in enumerate(chunks):
-        outputs.write(i, data)
