@@ -225,6 +225,8 @@ def _eval_options(f):
         click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True),
         click.option("--seed", type=int, default=42, show_default=True, help="Sampling seed."),
         click.option("--max-model-len", type=click.IntRange(16), default=None, help="vLLM max_model_len."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="vLLM dtype of the engines."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow model code from the checkpoints to run (off by default)."),
         click.option("--eval-out", default=None, metavar="DST",
@@ -244,7 +246,7 @@ def _run_evaluation(variants, o, address):
     sampling = {k: o[k] for k in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
                                   "max_tokens", "seed")}
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
-                              trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"])
+                              trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"])
     report = evaluate_variants(variants, prompts, o["reward_model"], sampling=sampling, settings=settings,
                                out_uri=o["eval_out"], include_sft=o["include_sft"], address=address)
     click.echo(f"| {'model':<14} | {'alpha':>6} | {'mean reward':>11} | {'95% CI':>19} | {'tokens':>7} | {'win vs 0':>8} |")

