@@ -69,3 +69,41 @@ def test_prompt_files_and_bad_input(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ExpoError, match="empty.jsonl: the prompt set is empty"):
         load_prompts(str(tmp_path / "empty.jsonl"))
+
+
+def _cached_dataset(cache, repo, files: dict) -> None:
+    """Files laid out as huggingface_hub's cache keeps a downloaded dataset."""
+    import hashlib
+
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    base = cache / f"datasets--{repo.replace('/', '--')}"
+    for name, data in files.items():
+        path = base / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+
+
+def test_known_prompt_sets_from_an_offline_hub_cache(tmp_path, monkeypatch):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "prompt": ["first?", "second?"], "prompt_id": ["a1", "b2"],
+        "messages": [[{"role": "user", "content": "first?"}, {"role": "assistant", "content": "x"}],
+                     [{"role": "user", "content": "second?"}, {"role": "assistant", "content": "y"}]],
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    _cached_dataset(tmp_path, "HuggingFaceH4/ultrafeedback_binarized", {"data/test_gen-00000-of-00001.parquet": buf.getvalue()})
+    _cached_dataset(tmp_path, "tatsu-lab/alpaca_eval", {"alpaca_eval.json": json.dumps(
+        [{"instruction": "Explain X.", "output": "", "generator": "gpt4", "dataset": "helpful_base"}]).encode()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    uf = load_prompts("ultrafeedback")
+    assert [(p.id, p.text) for p in uf.prompts] == [("a1", "first?"), ("b2", "second?")]
+    ae = load_prompts("alpaca_eval")
+    assert ae.prompts[0].text == "Explain X." and ae.prompts[0].dataset == "helpful_base"
