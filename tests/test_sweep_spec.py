@@ -49,3 +49,16 @@ def test_bad_specs_name_line_and_key(edit, message):
     with pytest.raises(SpecError) as exc:
         parse_spec(GOOD.replace(old, new, 1), "s.yaml")
     assert message in str(exc.value), str(exc.value)
+
+
+def test_example_sweeps_in_jobs_parse():
+    """The example specs shipped in jobs/sweeps are valid sweep specs."""
+    from pathlib import Path
+
+    from expo_ray.sweep_spec import load_spec
+
+    specs = sorted((Path(__file__).parent.parent / "jobs" / "sweeps").glob("*.yaml"))
+    assert [p.name for p in specs] == ["cpu-smoke.yaml", "tulu-2-70b.yaml", "zephyr-7b.yaml"]
+    for p in specs:
+        assert load_spec(str(p)).pairs
+    assert load_spec(str(specs[1])).evaluation.tp == 8

@@ -46,6 +46,14 @@ def run_demo(workdir: str | Path, alphas=DEFAULT_ALPHAS, seed: int = 0, show_pro
     if not (models / "aligned" / "config.json").exists():
         log.info("building a tiny SFT model and an aligned model derived from it in %s", models)
         build_tiny_pair(models, dtype="bfloat16", seed=seed, num_hidden_layers=4)
+    if not (models / "reward" / "config.json").exists():
+        from .tiny_reward import build_tiny_reward_model
+
+        build_tiny_reward_model(models / "reward", seed=seed)  # for jobs/sweeps/cpu-smoke.yaml
+    prompts = workdir / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"Tell me about the number {i}."}) + "\n"
+                                   for i in range(64)))
     sft, aligned = str(models / "sft"), str(models / "aligned")
 
     groups, overall = lineage(make_plan(sft, aligned, (1.0,)))
