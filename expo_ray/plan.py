@@ -199,7 +199,7 @@ class Plan:
         return {t.name: s.key for s in self.shards for t in s.tensors}
 
 
-def _fingerprint(ckpt: Checkpoint) -> str:
+def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     """Identifies a checkpoint by its headers (names, dtypes, shapes, offsets, file sizes)."""
     h = hashlib.sha256()
     for shard, header in ckpt.headers.items():
@@ -260,7 +260,7 @@ def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise PlanError(f"{sft.uri} (sft) and {aligned.uri} (aligned) cannot be extrapolated:\n  "
                         + "\n  ".join(shown) + more)
-    fingerprint = hashlib.sha256((_fingerprint(sft) + _fingerprint(aligned)).encode()).hexdigest()
+    fingerprint = hashlib.sha256((checkpoint_fingerprint(sft) + checkpoint_fingerprint(aligned)).encode()).hexdigest()
     return Plan(sft.uri, aligned.uri, tuple(alphas), rules, options, tuple(shards),
                 tuple(aligned.aux_files()), aligned.has_index, fingerprint, counts)
 

@@ -7,7 +7,6 @@ included; the SFT model optionally.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ExpoError
 from ..extrapolate import ROOT_INDEX
 from ..manifest import MANIFEST_FILE, find_variants, read_manifest, verify_variant
-from ..plan import variant_name
+from ..plan import checkpoint_fingerprint, variant_name
 from ..storage import LocalStorage, open_storage
 
 CACHE_DIR = os.environ.get("EXPO_RAY_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "expo-ray-models")
@@ -34,10 +33,8 @@ class ModelRef:
 def checkpoint_identity(uri: str) -> str:
     """Identity of a source checkpoint from its headers and files (no tensor reads)."""
     ckpt = Checkpoint.open(uri, require_config=False)
-    h = hashlib.sha256(ckpt.uri.encode() if ckpt.uri.startswith("hf://") else b"")
-    for shard, header in ckpt.headers.items():
-        h.update(json.dumps([shard, header.file_size, [[t.name, t.dtype, list(t.shape), t.start] for t in header.tensors]]).encode())
-    return h.hexdigest()
+    prefix = ckpt.uri if ckpt.uri.startswith("hf://") else ""  # a hub commit names the weights too
+    return hashlib.sha256((prefix + checkpoint_fingerprint(ckpt)).encode()).hexdigest()
 
 
 def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify: bool = False) -> list[ModelRef]:
@@ -76,10 +73,10 @@ def local_copy(uri: str, identity: str, cache_dir: str = CACHE_DIR) -> str:
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
-        from ..storage.hub import _cache_dir, _offline, parse_hf_uri
+        from ..storage.hub import cache_dir as hf_cache_dir, offline, parse_hf_uri
 
         repo, revision = parse_hf_uri(uri)
-        return snapshot_download(repo, revision=revision, cache_dir=_cache_dir(), local_files_only=_offline())
+        return snapshot_download(repo, revision=revision, cache_dir=hf_cache_dir(), local_files_only=offline())
     target = Path(cache_dir) / identity[:32]
     done = target / ".complete"
     if done.exists():

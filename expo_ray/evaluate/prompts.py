@@ -95,11 +95,11 @@ def _read_file(uri: str) -> tuple[bytes, str]:
 def _hub_file(repo: str, filename: str, revision: str | None) -> bytes:
     from huggingface_hub import hf_hub_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    from ..storage.hub import cache_dir, offline
+
     try:
-        path = hf_hub_download(repo, filename, repo_type="dataset", revision=revision, cache_dir=cache,
-                               local_files_only=offline)
+        path = hf_hub_download(repo, filename, repo_type="dataset", revision=revision, cache_dir=cache_dir(),
+                               local_files_only=offline())
     except Exception as exc:  # noqa: BLE001 - one message for the many hub errors
         raise ExpoError(f"hf://datasets/{repo}/{filename}: cannot fetch ({type(exc).__name__}: {exc})") from None
     with open(path, "rb") as f:

@@ -16,7 +16,7 @@ from .local import LocalReader
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
-def _cache_dir() -> str | None:
+def cache_dir() -> str | None:
     """Read at call time (huggingface_hub reads its environment once, at import)."""
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -25,7 +25,7 @@ def _cache_dir() -> str | None:
     return None
 
 
-def _offline() -> bool:
+def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -51,9 +51,9 @@ class HubStorage(Storage):
 
         label = f"hf://{repo}@{revision}"
         try:
-            if _offline():
+            if offline():
                 # The cached snapshot: its folder name is the commit.
-                path = snapshot_download(repo, revision=revision, local_files_only=True, cache_dir=_cache_dir())
+                path = snapshot_download(repo, revision=revision, local_files_only=True, cache_dir=cache_dir())
                 commit = os.path.basename(path.rstrip("/"))
                 files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
                 return commit, files
@@ -75,8 +75,8 @@ class HubStorage(Storage):
         if key not in self._files:
             raise StorageError(f"{self.describe(key)}: not in the repository")
         try:
-            return hf_hub_download(self.repo, key, revision=self.commit, cache_dir=_cache_dir(),
-                                   local_files_only=_offline())
+            return hf_hub_download(self.repo, key, revision=self.commit, cache_dir=cache_dir(),
+                                   local_files_only=offline())
         except Exception as exc:  # noqa: BLE001 - hub errors are many; one message
             raise StorageError(f"{self.describe(key)}: download failed ({type(exc).__name__}: {exc})") from None
 
