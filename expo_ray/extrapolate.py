@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from . import __version__
 from .checkpoint import INDEX_FILE
 from .errors import ExpoError, StorageError
-from .manifest import FORMAT, MANIFEST_FILE, file_record, find_variants, read_manifest, write_manifest
+from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
 from .modelcard import model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options

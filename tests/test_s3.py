@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_bucket, upload_folder
 from expo_ray.api import extrapolate

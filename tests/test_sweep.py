@@ -1,7 +1,6 @@
 """Sweeps on a local Ray with SeaweedFS: two pairs, re-run does nothing, a removed pair is redone."""
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from conftest import make_bucket, upload_folder
