@@ -264,7 +264,7 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
             chunks = [a_bytes] * n_alpha
         else:
             began = time.perf_counter()
-            chunks = _compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot)
+            chunks = compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot)
             compute_s += time.perf_counter() - began
         writes[slot] = io_pool.writer.submit(outputs.write_all, chunks, io_pool.hasher)
         if progress is not None:
@@ -277,7 +277,10 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
     return compute_s
 
 
-def _compute_chunk(t: TensorPlan, bits, a_bytes, s_bytes, effective, count, out_sets, slot):
+def compute_chunk(t: TensorPlan, bits, a_bytes, s_bytes, effective, count, out_sets, slot):
+    """theta for each effective alpha of `count` elements of tensor `t` (the one computation every
+    path uses: variants written to storage and weights swapped into a running engine).
+    `out_sets[slot]` holds reusable output buffers (allocated here when missing or too small)."""
     a = np.frombuffer(a_bytes, dtype=bits)
     n_shared = 0 if s_bytes is None else len(s_bytes) // a.itemsize
     if out_sets[slot] is None or len(out_sets[slot][0]) < count:

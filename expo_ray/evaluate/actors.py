@@ -55,15 +55,42 @@ class GenerationActor(_EngineActor):
     """One :class:`~expo_ray.evaluate.vllm_engine.GenerationEngine` for one model.
 
     Arguments are those of ``GenerationEngine``. :meth:`generate` returns plain dicts (``output``,
-    ``tokens``, ``finish_reason``) so the results carry no expo-ray class across Ray.
+    ``tokens``, ``finish_reason``) so the results carry no expo-ray class across Ray. With
+    ``swappable=True`` one engine serves model after model: :meth:`serve` swaps in a committed
+    checkpoint, :meth:`serve_extrapolated` computes theta(alpha) in the engine's workers.
     """
 
     def __init__(self, model_path: str, identity: str | None = None, **engine_kwargs: Any) -> None:
         # With an identity, model_path may be remote (s3://, hf://): copied to this node's disk once.
         self.model_path = local_copy(model_path, identity) if identity else str(model_path)
+        self.identity = identity
         began = time.perf_counter()
         self.engine = GenerationEngine(self.model_path, **engine_kwargs)
         self.startup_s = round(time.perf_counter() - began, 2)
+
+    def serve(self, model_uri: str, identity: str | None = None) -> dict:
+        """Swap the weights of another committed checkpoint of the same model (tensor names,
+        shapes, dtypes) into the running engine (started with ``swappable=True``); a no-op when
+        ``identity`` is already served. Raises ``WeightsMismatch`` (the engine keeps serving) if it
+        does not fit."""
+        from .weight_swap import folder_source
+
+        if identity is not None and identity == self.identity:
+            return {"seconds": 0.0}
+        path = local_copy(model_uri, identity) if identity else str(model_uri)
+        result = self.engine.swap_weights(folder_source(path))
+        self.identity, self.model_path = identity, path
+        return result
+
+    def serve_extrapolated(self, sft_uri: str, aligned_uri: str, alpha: float, plan_options: dict | None = None) -> dict:
+        """Swap theta(alpha) of (sft, aligned) into the running engine, computed in its workers."""
+        from .models import checkpoint_identity
+        from .weight_swap import extrapolated_source
+
+        sft, aligned = (local_copy(u, checkpoint_identity(u)) if "://" in u else u for u in (sft_uri, aligned_uri))
+        result = self.engine.swap_weights(extrapolated_source(sft, aligned, alpha, plan_options))
+        self.identity = None
+        return result
 
     def generate(self, prompts: Sequence[str], sampling: SamplingSettings | dict | None = None) -> list[dict]:
         outs: list[Generation] = self.engine.generate(list(prompts), _sampling(sampling))

@@ -1,7 +1,7 @@
 """Evaluation on Ray: generate with every model, score with the reward model, aggregate, report.
 
     models (committed variants + alpha 0 [+ SFT])
-      -> generation actors (one vLLM engine each, one model at a time)
+      -> generation actors (vLLM engines; each loads model after model in place)
       -> reward actor (a sequence-classification reward model in vLLM)
       -> per-alpha statistics -> report.json / report.md / report.png
 
@@ -37,6 +37,7 @@ class EngineSettings:
     trust_remote_code: bool = False
     max_engines: int | None = None  # generation engines in parallel (default: as many as fit)
     dtype: str = "auto"             # vLLM dtype of every engine
+    swap: bool = True               # an engine serves model after model, swapping weights in place
 
 
 def _key(*parts) -> str:
@@ -61,30 +62,68 @@ def _stop(ray, actor) -> None:
     ray.kill(actor)
 
 
+def _engines_that_fit(ray, settings: EngineSettings, use_gpu: bool) -> int:
+    """Default engine count: without swapping one per model (Ray queues what does not fit);
+    with swapping as many as the cluster holds at once (one per node on CPU machines)."""
+    from .placement import engines_that_fit
+
+    if not settings.swap:
+        return 1 << 30
+    gpus = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(1, engines_that_fit(settings.tp, gpus, use_gpu))
+
+
 def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, common: dict,
                   save) -> None:
-    """One engine per model, up to max_engines at a time; each result is saved as it arrives."""
+    """Up to max_engines engines; each result is saved as it arrives.
+
+    With ``settings.swap`` an engine that finished one model loads the next model's weights in
+    place (no restart) when its tensors fit; a model that does not fit gets an engine of its own.
+    Without it every model gets a new engine.
+    """
     from .actors import generation_actor
     from .placement import plan_engine
 
     placement = plan_engine(settings.tp, use_gpu=use_gpu)
-    kwargs = dict(_engine_kwargs(placement, common), max_model_len=settings.max_model_len)
-    n_engines = max(1, min(len(todo), settings.max_engines or len(todo)))
+    kwargs = dict(_engine_kwargs(placement, common), max_model_len=settings.max_model_len, swappable=settings.swap)
+    n_engines = max(1, min(len(todo), settings.max_engines or _engines_that_fit(ray, settings, use_gpu)))
     queue, running = list(todo), {}
+
+    def start(m: ModelRef):
+        return generation_actor().options(**task_options(**placement.actor_options)).remote(m.uri, m.identity, **kwargs)
+
+    def submit(m: ModelRef, actor, swap: bool) -> None:
+        served = actor.serve.remote(m.uri, m.identity) if swap else None
+        running[actor.generate.remote(texts, sampling)] = (m, actor, served)
+
     try:
-        while queue or running:
-            while queue and len(running) < n_engines:
-                m = queue.pop(0)
-                actor = generation_actor().options(**task_options(**placement.actor_options)).remote(m.uri, m.identity, **kwargs)
-                running[actor.generate.remote(texts, sampling)] = (m, actor)
+        while queue and len(running) < n_engines:
+            m = queue.pop(0)
+            submit(m, start(m), False)
+        while running:
             done, _ = ray.wait(list(running), num_returns=1)
-            m, actor = running.pop(done[0])
-            generations = ray.get(done[0])
-            _stop(ray, actor)
-            save(m, generations)
-            log.info("generated %s (%d answers)", m.label, len(generations))
+            m, actor, served = running.pop(done[0])
+            if served is not None:
+                try:
+                    info = ray.get(served)
+                    log.info("%s: weights swapped into the running engine in %.2f s", m.label, info["seconds"])
+                except Exception as exc:  # noqa: BLE001 - WeightsMismatch: this model needs its own engine
+                    log.info("%s does not fit the running engine (%s); starting an engine for it",
+                             m.label, str(exc).splitlines()[-1] if str(exc) else exc)
+                    _stop(ray, actor)
+                    submit(m, start(m), False)
+                    continue
+            save(m, ray.get(done[0]))
+            log.info("generated %s (%d answers)", m.label, len(texts))
+            if queue and settings.swap:
+                submit(queue.pop(0), actor, True)
+            else:
+                _stop(ray, actor)
+                if queue:
+                    m = queue.pop(0)
+                    submit(m, start(m), False)
     finally:
-        for _, actor in running.values():
+        for _, actor, _ in running.values():
             ray.kill(actor)
 
 

@@ -332,7 +332,7 @@ class GenerationEngine(_Engine):
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  max_model_len: int | None = None, trust_remote_code: bool = False,
-                 **engine_kwargs: Any) -> None:
+                 swappable: bool = False, **engine_kwargs: Any) -> None:
         self.model_path = str(model_path)
         self._llm = None
         cfg = read_model_config(self.model_path, trust_remote_code)
@@ -343,6 +343,13 @@ class GenerationEngine(_Engine):
                 "that generates text"
             )
         self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "model")
+        self.swappable = swappable
+        if swappable:
+            from .weight_swap import WORKER_EXTENSION, folder_source, weight_signature
+
+            engine_kwargs["worker_extension_cls"] = WORKER_EXTENSION
+            self._signature = weight_signature(folder_source(self.model_path))
+            self.serving = folder_source(self.model_path)
         from vllm import LLM
 
         with _engine_environment(tensor_parallel_size):
@@ -356,6 +363,40 @@ class GenerationEngine(_Engine):
                 trust_remote_code=trust_remote_code,
                 **_engine_kwargs(engine_kwargs),
             )
+
+    def swap_weights(self, source: dict) -> dict:
+        """Serve the weights ``source`` describes (see :mod:`.weight_swap`) instead of the current
+        ones, without restarting the engine; returns timings from each tensor-parallel rank.
+
+        The source is checked first (same tensor names, shapes and dtypes as the checkpoint the
+        engine started on): a mismatch raises :class:`~.weight_swap.WeightsMismatch` and the
+        engine keeps serving its current weights. If loading fails midway, the previous weights
+        are loaded again before the error is raised. The tokenizer and config stay those of the
+        start-up checkpoint. Cached prefixes (KV computed with the old weights) are dropped.
+        """
+        from .weight_swap import check_fits, describe_source
+
+        if not self.swappable:
+            raise EngineError(f"the engine for {self.model_path} was started without swappable=True")
+        if self._llm is None:
+            raise EngineError(f"the engine for {self.model_path} is closed")
+        check_fits(self._signature, source, self.model_path)
+        try:
+            ranks = self._llm.collective_rpc("expo_swap_weights", args=(source,))
+        except Exception as exc:  # noqa: BLE001 - reported below with what the engine now serves
+            previous = self.serving
+            try:
+                self._llm.collective_rpc("expo_swap_weights", args=(previous,))
+                self._llm.reset_prefix_cache()
+            except Exception:  # noqa: BLE001
+                self.close()
+                raise EngineError(f"loading {describe_source(source)} failed ({exc}) and the previous weights "
+                                  "could not be restored; the engine was closed") from None
+            raise EngineError(f"loading {describe_source(source)} failed ({exc}); the engine serves "
+                              f"{describe_source(previous)} again") from None
+        self._llm.reset_prefix_cache()
+        self.serving = dict(source)
+        return {"ranks": ranks, "seconds": max(r["seconds"] for r in ranks)}
 
     def render(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt as one user message under the model's chat template, with
