@@ -215,7 +215,11 @@ def _eval_options(f):
         click.option("--reward-tp", type=click.IntRange(1), default=1, show_default=True,
                      help="Tensor-parallel size of the reward engine."),
         click.option("--max-engines", type=click.IntRange(1), default=None,
-                     help="Generation engines in parallel (default: one per model, as resources allow)."),
+                     help="Generation engines in parallel (default: as many as the cluster holds at once; "
+                          "one per node on CPU-only machines)."),
+        click.option("--swap/--no-swap", default=True, show_default=True,
+                     help="An engine serves model after model, loading each one's weights in place "
+                          "instead of restarting (models of another shape get their own engine)."),
         click.option("--include-sft", is_flag=True, help="Also evaluate the SFT model."),
         click.option("--temperature", type=float, default=0.7, show_default=True),
         click.option("--top-p", type=float, default=0.9, show_default=True),
@@ -237,8 +241,9 @@ def _eval_options(f):
     return f
 
 
-def _run_evaluation(variants, o, address):
-    from .evaluate.pipeline import EngineSettings, evaluate_variants
+def _eval_inputs(o):
+    """Prompts, sampling and engine settings from the evaluation options."""
+    from .evaluate.pipeline import EngineSettings
     from .evaluate.prompts import load_prompts
 
     prompts = load_prompts(o["prompt_spec"], field=o["prompt_field"], limit=o["limit"], sample=o["sample"],
@@ -246,7 +251,15 @@ def _run_evaluation(variants, o, address):
     sampling = {k: o[k] for k in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
                                   "max_tokens", "seed")}
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
-                              trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"])
+                              trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"],
+                              swap=o["swap"])
+    return prompts, sampling, settings
+
+
+def _run_evaluation(variants, o, address):
+    from .evaluate.pipeline import evaluate_variants
+
+    prompts, sampling, settings = _eval_inputs(o)
     report = evaluate_variants(variants, prompts, o["reward_model"], sampling=sampling, settings=settings,
                                out_uri=o["eval_out"], include_sft=o["include_sft"], address=address)
     click.echo(f"| {'model':<14} | {'alpha':>6} | {'mean reward':>11} | {'95% CI':>19} | {'tokens':>7} | {'win vs 0':>8} |")
@@ -289,6 +302,55 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
                      copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows)
     run_plan(plan, out, chunk_mib=chunk_mib, address=address, command=default_command(), show_progress=True)
     _run_evaluation(out, o, address)
+
+
+@main.command()
+@click.option("--sft", required=True, metavar="SRC", help="The SFT checkpoint.")
+@click.option("--aligned", required=True, metavar="SRC", help="The aligned checkpoint.")
+@click.option("--out", required=True, metavar="DST",
+              help="Where the search report (DST/search/) and the chosen variant (DST/alpha_X/) go.")
+@click.option("--alpha", "alphas", default="0,0.1,0.2,0.3,0.5,1", show_default=True, metavar="LIST",
+              help="The coarse grid the search starts from (it may refine between and beyond these).")
+@click.option("--budget", type=click.IntRange(1), default=None,
+              help="Generations the search may spend (default: half of what the full grid would take).")
+@click.option("--initial-prompts", type=click.IntRange(2), default=None,
+              help="Prompts per alpha in the first round (default: an eighth of the prompts).")
+@click.option("--runner-up", is_flag=True, help="Also materialize the second-best alpha.")
+@click.option("--no-materialize", is_flag=True, help="Only search; write no variant.")
+@_plan_options
+@_eval_options
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
+def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_materialize, scales, layer_scales,
+           exclude, copy_unmatched, allow_added_rows, address, **o):
+    """Adaptive alpha search with one engine that swaps weights in place; materialize only the winner."""
+    from .evaluate.search import SearchSettings, materialize, search_alpha
+    from .extrapolate import default_command
+    from .plan import parse_alphas
+
+    prompts, sampling, settings = _eval_inputs(o)
+    plan_options = dict(scales=scales, layer_scales=layer_scales, exclude=exclude, copy_unmatched=copy_unmatched,
+                        allow_added_rows=allow_added_rows)
+    try:
+        report = search_alpha(sft, aligned, prompts, o["reward_model"], out_uri=out, sampling=sampling,
+                              settings=settings, plan_options=plan_options, address=address,
+                              search=SearchSettings(grid=parse_alphas(alphas), budget=budget,
+                                                    initial_prompts=initial_prompts))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"| {'alpha':>7} | {'prompts':>7} | {'mean reward':>11} | {'95% CI':>19} | {'tokens':>7} | phase")
+    for p in report["points"]:
+        tokens = "-" if p["mean_tokens"] is None else f"{p['mean_tokens']:.1f}"
+        click.echo(f"| {p['alpha']:>7g} | {p['n']:>7} | {p['mean_reward']:>11.4f} | "
+                   f"[{p['ci_low']:>8.4f}, {p['ci_high']:>8.4f}] | {tokens:>7} | {p['phase']}")
+    click.echo(f"best alpha: {report['best']['alpha']:g} after {report['generations']} generations "
+               f"(budget {report['budget']}, full grid {report['grid_generations']}); "
+               f"report: {report['location']}/search.md")
+    if no_materialize:
+        return
+    chosen = [report["best"]["alpha"]] + ([report["runner_up"]] if runner_up and report["runner_up"] is not None else [])
+    for uri in materialize(sft, aligned, chosen, out, plan_options=plan_options, address=address,
+                           command=default_command()):
+        click.echo(f"materialized and verified: {uri}")
 
 
 @main.command()

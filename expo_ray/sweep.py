@@ -8,9 +8,15 @@ Layout under the destination:
     DEST/leaderboard.json, leaderboard.md, leaderboard.png   best alpha and reward gain per pair
     DEST/PAIR-ID/variants/alpha_*/                          committed variants (see README)
     DEST/PAIR-ID/variants/eval/SET-ID/                      responses, rewards, report per prompt set
+    DEST/PAIR-ID/variants/search/                           adaptive search report (pairs with mode: search)
+
+A pair with ``mode: search`` is searched on one hot-swapping engine (see
+:mod:`expo_ray.evaluate.search`); only its chosen alpha is materialized, then evaluated like a grid
+pair's variants, so the leaderboard compares both kinds on the same footing.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -70,7 +76,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: boo
 
     def one_pair(pair: PairSpec) -> PairOutcome:
         outcome = PairOutcome(pair, f"{dest}/{pair.folder}/variants")
-        result = run_plan(plans[pair.folder], outcome.variants_uri, chunk_mib=spec.chunk_mib, address=address,
+        plan = plans[pair.folder]
+        if pair.mode == "search":
+            plan = dataclasses.replace(plan, alphas=(_search_pair(spec, pair, outcome, address),))
+        result = run_plan(plan, outcome.variants_uri, chunk_mib=spec.chunk_mib, address=address,
                           command=f"expo-ray sweep {spec.path}", show_progress=show_progress and len(spec.pairs) == 1)
         outcome.extrapolated = result.variants
         outcome.work_done |= any(v == "written" for v in result.variants.values())
@@ -85,6 +94,29 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: boo
     board["work_done"] = any(o.work_done for o in outcomes)
     _write_leaderboard(open_storage(dest), board)
     return board
+
+
+def _search_pair(spec: SweepSpec, pair: PairSpec, outcome: PairOutcome, address: str | None) -> float:
+    """The alpha an adaptive search chose for this pair (on the first prompt set); a finished
+    search (its search.json) is reused."""
+    from .evaluate.pipeline import EngineSettings
+    from .evaluate.prompts import load_prompts
+    from .evaluate.search import SearchSettings, search_alpha
+
+    store = open_storage(outcome.variants_uri)
+    if store.exists("search/search.json"):
+        return float(json.loads(store.read_bytes("search/search.json"))["best"]["alpha"])
+    e = spec.evaluation
+    ps = e.prompts[0]
+    prompts = load_prompts(ps.set, field=ps.field, limit=ps.limit, sample=ps.sample, seed=ps.seed)
+    report = search_alpha(pair.sft, pair.aligned, prompts, e.reward_model, out_uri=outcome.variants_uri,
+                          sampling=e.sampling, settings=EngineSettings(tp=e.tp, reward_tp=e.reward_tp),
+                          search=SearchSettings(grid=pair.alphas, budget=pair.budget), address=address,
+                          plan_options=dict(scales=pair.scale, layer_scales=pair.layer_scales, exclude=pair.exclude,
+                                            copy_unmatched=pair.copy_unmatched, allow_added_rows=pair.allow_added_rows))
+    outcome.work_done = True
+    log.info("%s: search chose alpha %g after %d generations", pair.name, report["best"]["alpha"], report["generations"])
+    return float(report["best"]["alpha"])
 
 
 def _evaluate_pair(spec: SweepSpec, outcome: PairOutcome) -> list[dict]:

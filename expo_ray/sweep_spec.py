@@ -9,6 +9,10 @@ Every problem names the file, the line and the key, before any work starts:
         sft: hf://allenai/tulu-2-70b
         aligned: hf://allenai/tulu-2-dpo-70b
         alphas: [0.1, 0.3]                        # optional, overrides the default grid
+        mode: grid                                # grid (default): every alpha extrapolated and evaluated;
+                                                  # search: adaptive search on one hot-swapping engine over
+                                                  # the first prompt set, only the winner is materialized
+        budget: 1500                              # search only: generations (default: half the grid's)
         rules: {scale: ["*.mlp.*=0.5"], layer_scales: "1,1,1.5", exclude: ["lm_head.weight"]}
         copy_unmatched: false
         allow_added_rows: false
@@ -36,7 +40,8 @@ from .errors import ExpoError
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed", "max_tokens")
 TOP_KEYS = {"destination": True, "alphas": False, "pairs": True, "evaluation": False, "chunk_mib": False}
 PAIR_KEYS = {"name": False, "sft": True, "aligned": True, "alphas": False, "rules": False,
-             "copy_unmatched": False, "allow_added_rows": False}
+             "copy_unmatched": False, "allow_added_rows": False, "mode": False, "budget": False}
+MODES = ("grid", "search")
 RULE_KEYS = {"scale": False, "layer_scales": False, "exclude": False}
 EVAL_KEYS = {"prompts": True, "reward_model": True, "tp": False, "reward_tp": False, "include_sft": False,
              "sampling": False}
@@ -78,6 +83,8 @@ class PairSpec:
     exclude: tuple[str, ...] = ()
     copy_unmatched: bool = False
     allow_added_rows: bool = False
+    mode: str = "grid"
+    budget: int | None = None
 
     @property
     def pair_id(self) -> str:
@@ -237,11 +244,18 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
         layer_scales = rules.get("layer_scales")
         if layer_scales is not None and not isinstance(layer_scales, str):
             c.fail(c.at(rules, "layer_scales"), f"{what}.rules.layer_scales", 'must be a string "EARLY,MIDDLE,LATE"')
+        mode = p.get("mode", "grid")
+        if mode not in MODES:
+            c.fail(c.at(p, "mode"), f"{what}.mode", f"{mode!r}: use one of {', '.join(MODES)}")
+        budget = c.integer(p, "budget", what, None)
+        if "budget" in p and mode != "search":
+            c.fail(c.at(p, "budget"), f"{what}.budget", "only applies with mode: search")
         if sft and aligned:
             pairs.append(PairSpec(name, sft, aligned, alphas, tuple(scale) if isinstance(scale, list) else (),
                                   layer_scales if isinstance(layer_scales, str) else None,
                                   tuple(exclude) if isinstance(exclude, list) else (),
-                                  c.boolean(p, "copy_unmatched", what), c.boolean(p, "allow_added_rows", what)))
+                                  c.boolean(p, "copy_unmatched", what), c.boolean(p, "allow_added_rows", what),
+                                  mode if mode in MODES else "grid", budget))
     evaluation = None
     if raw.get("evaluation") is not None:
         e = raw["evaluation"]
@@ -269,6 +283,10 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
             evaluation = EvalSpec(tuple(prompts), c.string(e, "reward_model", "evaluation") or "",
                                   c.integer(e, "tp", "evaluation", 1), c.integer(e, "reward_tp", "evaluation", 1),
                                   c.boolean(e, "include_sft", "evaluation"), dict(sampling) if isinstance(sampling, dict) else {})
+    if evaluation is None:
+        for i, p in enumerate(raw_pairs):
+            if isinstance(p, dict) and p.get("mode") == "search":
+                c.fail(c.at(p, "mode"), f"pairs[{i}].mode", "search needs an evaluation section (prompts, reward model)")
     if c.problems:
         raise SpecError(f"{path}: invalid sweep spec:\n  " + "\n  ".join(c.problems))
     return SweepSpec(path, destination, tuple(pairs), evaluation, float(chunk))

@@ -100,6 +100,19 @@ class EmbeddedS3:
             self.proc.wait(timeout=30)
         self.proc = None
 
+    def create_bucket(self, name: str) -> None:
+        """Create bucket ``name`` (fine if it exists already)."""
+        import boto3
+
+        env = self.env()
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+        try:
+            client.create_bucket(Bucket=name)
+        except Exception as exc:  # noqa: BLE001 - SeaweedFS answers BucketAlreadyExists for its own bucket
+            if "BucketAlready" not in str(exc):
+                raise ExpoError(f"the embedded S3 server at {self.endpoint} cannot create bucket {name}: {exc}") from None
+
     def close(self) -> None:
         self.stop()
         if self._own_dir:

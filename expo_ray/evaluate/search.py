@@ -1,0 +1,217 @@
+"""`expo-ray search`: find the best alpha with one running engine, then materialize only the winner.
+
+    one generation engine (started on the aligned model, swappable)
+      -> for each alpha the search asks for: theta(alpha) computed in the engine's workers and
+         swapped in place (no storage writes, no restart), answers for the prompts not yet done
+      -> one reward engine scores them
+    adaptive schedule (:mod:`.adaptive`) -> search.json / search.md / search.png
+      -> the chosen alpha (and optionally the runner-up) extrapolated to storage, committed and
+         verified like any `expo-ray extrapolate` run
+
+Prompts are shuffled once (seeded), so "the first n prompts" is a fair sample for every n; with a
+sampling seed each answer depends only on its prompt and the weights, so extending a point to
+more prompts keeps its earlier answers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from ..errors import ExpoError
+from ..ray_runtime import ensure_ray, task_options
+from ..storage import open_storage
+from .adaptive import SearchOutcome, adaptive_search, point_stats
+from .models import checkpoint_identity, local_copy
+from .pipeline import EngineSettings, _engine_kwargs, _stop
+from .prompts import PromptSet
+
+log = logging.getLogger("expo_ray")
+DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    grid: tuple[float, ...] = DEFAULT_GRID
+    budget: int | None = None        # generations; default half of the full grid's
+    initial_prompts: int | None = None
+    refine_steps: int = 2
+    shuffle_seed: int = 0
+
+
+class _Evaluator:
+    """evaluate(alpha, n) for :func:`adaptive_search`, on one swappable engine and one reward engine."""
+
+    def __init__(self, ray, sft: str, aligned: str, texts: list[str], reward_model: str, sampling: dict,
+                 settings: EngineSettings, plan_options: dict, use_gpu: bool):
+        from .actors import generation_actor, reward_actor
+        from .placement import plan_engine
+
+        self.ray, self.sft, self.aligned, self.texts = ray, sft, aligned, texts
+        self.sampling, self.plan_options = sampling, plan_options
+        common = {"trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
+        gen_place = plan_engine(settings.tp, use_gpu=use_gpu)
+        rew_place = plan_engine(settings.reward_tp, use_gpu=use_gpu)
+        self.generator = generation_actor().options(**task_options(**gen_place.actor_options)).remote(
+            aligned, checkpoint_identity(aligned) if "://" in aligned else None,
+            swappable=True, max_model_len=settings.max_model_len, **_engine_kwargs(gen_place, common))
+        self.scorer = reward_actor().options(**task_options(**rew_place.actor_options)).remote(
+            reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None,
+            **_engine_kwargs(rew_place, common))
+        self.answers: dict[float, list[dict]] = {}
+        self.serving: float | None = None
+        self.swap_seconds: list[float] = []
+        self.generate_seconds = 0.0
+
+    def __call__(self, alpha: float, n: int) -> list[float]:
+        ray = self.ray
+        done = self.answers.setdefault(alpha, [])
+        new = self.texts[len(done):n]
+        if self.serving != alpha:
+            info = ray.get(self.generator.serve_extrapolated.remote(self.sft, self.aligned, alpha, self.plan_options))
+            self.swap_seconds.append(info["seconds"])
+            self.serving = alpha
+        began = time.perf_counter()
+        generations = ray.get(self.generator.generate.remote(new, self.sampling))
+        self.generate_seconds += time.perf_counter() - began
+        rewards = ray.get(self.scorer.score.remote(new, [g["output"] for g in generations]))
+        done.extend({**g, "reward": r} for g, r in zip(generations, rewards))
+        return [a["reward"] for a in done]
+
+    def close(self) -> None:
+        for actor in (self.generator, self.scorer):
+            _stop(self.ray, actor)
+
+
+def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, *, out_uri: str, sampling: dict,
+                 settings: EngineSettings = EngineSettings(), search: SearchSettings = SearchSettings(),
+                 plan_options: dict | None = None, address: str | None = None) -> dict:
+    """Run the adaptive search; write search.json/md/png under ``out_uri/search``; return the report."""
+    from ..api import make_plan
+    from .vllm_engine import SamplingSettings, check_reward_model
+
+    began = time.perf_counter()
+    plan_options = dict(plan_options or {})
+    make_plan(sft, aligned, (1.0,), **plan_options)  # pairs and validates before any engine starts
+    reward_path = local_copy(reward_model, checkpoint_identity(reward_model)) if "://" in reward_model else reward_model
+    check_reward_model(reward_path, settings.trust_remote_code)
+    sampling = asdict(SamplingSettings(**sampling))
+    order = list(range(len(prompts.prompts)))
+    random.Random(search.shuffle_seed).shuffle(order)
+    texts = [prompts.prompts[i].text for i in order]
+
+    ray = ensure_ray(address)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if settings.use_gpu is None else settings.use_gpu
+    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, use_gpu)
+    try:
+        outcome = adaptive_search(evaluator, search.grid, len(texts), budget=search.budget,
+                                  initial=search.initial_prompts, refine_steps=search.refine_steps, log=log.info)
+    finally:
+        evaluator.close()
+    report = _report(outcome, evaluator, {
+        "sft": sft, "aligned": aligned, "prompts": prompts.source, "prompt_set": prompts.name,
+        "n_prompts": len(texts), "reward_model": reward_model, "sampling": sampling,
+        "grid": list(search.grid), "tensor_parallel_size": settings.tp,
+    })
+    report["seconds"] = round(time.perf_counter() - began, 1)
+    out = open_storage(out_uri).child("search")
+    _write(out, report, evaluator, prompts, order)
+    report["location"] = out.uri
+    return report
+
+
+def _report(outcome: SearchOutcome, evaluator: _Evaluator, context: dict) -> dict:
+    points = []
+    for alpha in sorted(outcome.points):
+        stats = point_stats(outcome.points[alpha])
+        answers = evaluator.answers.get(alpha, [])
+        stats["mean_tokens"] = sum(a["tokens"] for a in answers) / len(answers) if answers else None
+        points.append(stats)
+    swaps = evaluator.swap_seconds
+    return {
+        "format": "expo-ray.search/1", **context,
+        "best": {"alpha": outcome.best, **next(p for p in points if p["alpha"] == outcome.best)},
+        "runner_up": outcome.runner_up,
+        "generations": outcome.generations, "budget": outcome.budget,
+        "grid_generations": outcome.grid_generations,
+        "swaps": len(swaps), "swap_seconds_mean": round(sum(swaps) / len(swaps), 3) if swaps else None,
+        "generate_seconds": round(evaluator.generate_seconds, 1),
+        "points": points,
+    }
+
+
+def _write(out, report: dict, evaluator: _Evaluator, prompts: PromptSet, order: list[int]) -> None:
+    report["plot"] = "search.png"
+    out.write_bytes("search.png", plot_search(report))
+    out.write_bytes("search.json", json.dumps(report, indent=2).encode())
+    out.write_bytes("search.md", search_markdown(report).encode())
+    for alpha, answers in evaluator.answers.items():
+        lines = [json.dumps({"prompt_id": prompts.prompts[i].id, "prompt": prompts.prompts[i].text, **a})
+                 for i, a in zip(order, answers)]
+        out.write_bytes(f"responses/alpha_{alpha:g}.jsonl", ("\n".join(lines) + "\n").encode())
+
+
+def search_markdown(report: dict) -> str:
+    best = report["best"]
+    lines = [
+        "# ExPO adaptive alpha search", "",
+        f"- sft: `{report['sft']}`", f"- aligned: `{report['aligned']}`",
+        f"- prompts: `{report['prompts']}` ({report['n_prompts']})", f"- reward model: `{report['reward_model']}`",
+        f"- generations: {report['generations']} of a budget of {report['budget']} "
+        f"(the full grid would take {report['grid_generations']})",
+        "", f"**Best alpha: {best['alpha']:g}** (mean reward {best['mean_reward']:.3f} on {best['n']} prompts)", "",
+        "| alpha | prompts | mean reward | 95% CI | mean tokens | phase |", "|---|---|---|---|---|---|",
+    ]
+    for p in report["points"]:
+        tokens = "-" if p["mean_tokens"] is None else f"{p['mean_tokens']:.1f}"
+        lines.append(f"| {p['alpha']:g} | {p['n']} | {p['mean_reward']:.3f} | [{p['ci_low']:.3f}, {p['ci_high']:.3f}] "
+                     f"| {tokens} | {p['phase']} |")
+    return "\n".join(lines + ["", f"![reward against alpha]({report['plot']})", ""])
+
+
+def plot_search(report: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report["points"]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    largest = max(p["n"] for p in points)
+    for p in points:
+        ax.errorbar([p["alpha"]], [p["mean_reward"]], yerr=[[p["mean_reward"] - p["ci_low"]], [p["ci_high"] - p["mean_reward"]]],
+                    marker="o", markersize=3 + 7 * p["n"] / largest, capsize=3,
+                    color="tab:red" if p["alpha"] == report["best"]["alpha"] else "tab:blue")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("mean reward (95% CI)")
+    ax.set_title(f"adaptive search: {report['generations']} generations (grid: {report['grid_generations']})",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def materialize(sft: str, aligned: str, alphas: list[float], out_uri: str, *, plan_options: dict | None = None,
+                address: str | None = None, command: str | None = None, show_progress: bool = True) -> list[str]:
+    """Extrapolate, commit and verify the chosen alphas under ``out_uri``; returns the variant URIs."""
+    from ..api import make_plan
+    from ..extrapolate import run_plan
+    from ..manifest import verify_variant
+    from ..plan import variant_name
+
+    plan = make_plan(sft, aligned, alphas, **(plan_options or {}))
+    run_plan(plan, out_uri, address=address, command=command, show_progress=show_progress)
+    root = open_storage(out_uri)
+    uris = []
+    for alpha in alphas:
+        store = root.child(variant_name(alpha))
+        check = verify_variant(store)
+        if not check.ok:
+            raise ExpoError(f"{store.describe()}: does not match its manifest: {check.problems[0]}")
+        uris.append(store.uri)
+    return uris
