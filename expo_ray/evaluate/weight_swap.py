@@ -179,5 +179,32 @@ class WeightSwapExtension:
                 counted["bytes"] += tensor.numel() * tensor.element_size()
                 yield name, tensor
 
-        self.reload_weights(weights_iterator=counting())
+        try:
+            self.reload_weights(weights_iterator=counting())
+        except BaseException:
+            _abandon_layerwise_reload(self.model_runner.get_model())
+            raise
         return {**counted, "seconds": round(time.perf_counter() - began, 3)}
+
+
+def _abandon_layerwise_reload(model) -> None:
+    """Undo what a failed ``reload_weights`` leaves behind, so that the next reload (of the
+    previous weights) starts clean.
+
+    vLLM 0.32 reloads layer by layer (``model_executor/model_loader/reload/layerwise.py``): a
+    layer's incoming tensors are buffered while its kernel tensors wait on the meta device. A
+    reload that raises leaves unfinished layers in that state, and the next reload would replay
+    the buffered (bad) tensors. Here the kernel tensors go back in place and the buffers are
+    dropped. These are vLLM internals: checked against 0.32 by tests/test_weight_swap.py.
+    """
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _place_kernel_tensors
+
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is None or not info.can_load():
+            continue
+        if info.kernel_tensors is not None:
+            _place_kernel_tensors(layer, info)
+        info.reset()
+    if hasattr(model, "_original_do_torchao_reload"):
+        model._do_torchao_reload = model._original_do_torchao_reload
