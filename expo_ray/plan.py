@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from .checkpoint import Checkpoint, TensorLocation
@@ -200,10 +201,16 @@ class Plan:
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
-    """Identifies a checkpoint by its headers (names, dtypes, shapes, offsets, file sizes)."""
+    """Identifies a checkpoint by its headers (names, dtypes, shapes, offsets, file sizes) and each
+    shard's content version (size and mtime, ETag, Hub commit): two fine-tunes of one architecture
+    have identical headers."""
+    shards = list(ckpt.headers)
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:
+        versions = dict(zip(shards, pool.map(ckpt.storage.version, shards)))
     h = hashlib.sha256()
     for shard, header in ckpt.headers.items():
-        h.update(json.dumps([shard, header.file_size, [[t.name, t.dtype, list(t.shape), t.start] for t in header.tensors]]).encode())
+        h.update(json.dumps([shard, header.file_size, versions[shard],
+                             [[t.name, t.dtype, list(t.shape), t.start] for t in header.tensors]]).encode())
     return h.hexdigest()
 
 

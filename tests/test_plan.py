@@ -145,3 +145,23 @@ def test_non_float_tensors_are_copied(tmp_path):
     write_checkpoint(tmp_path / "a", {"w": t["w"] * 2, "ids": t["ids"]}, cfg, 1 << 20)
     plan = build_plan(Checkpoint.open(str(tmp_path / "s")), Checkpoint.open(str(tmp_path / "a")), (0.5,))
     assert {t.name: t.action for t in plan.shards[0].tensors} == {"w": EXTRAPOLATE, "ids": COPY_IDENTICAL}
+
+
+def test_fingerprint_follows_content_not_only_headers(bf16_pair, tmp_path):
+    """Two fine-tunes of one architecture have identical headers; their fingerprints (which key
+    resume receipts, evaluation caches and the local model cache) must still differ."""
+    import os
+
+    from expo_ray.plan import checkpoint_fingerprint
+
+    _, aligned = bf16_pair
+    copy = tmp_path / "copy"
+    shutil.copytree(aligned, copy)  # copy2: same bytes and mtimes -> same identity
+    assert checkpoint_fingerprint(Checkpoint.open(str(copy))) == checkpoint_fingerprint(Checkpoint.open(str(aligned)))
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01  # another weight value, same header
+    shard.write_bytes(bytes(data))
+    st = os.stat(shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert checkpoint_fingerprint(Checkpoint.open(str(copy))) != checkpoint_fingerprint(Checkpoint.open(str(aligned)))

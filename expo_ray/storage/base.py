@@ -77,6 +77,12 @@ class Storage(ABC):
     @abstractmethod
     def size(self, key: str) -> int: ...
 
+    def version(self, key: str) -> str:
+        """A tag that changes whenever the object's content may have changed (size and mtime,
+        an ETag, a commit): identities built from headers alone would confuse two fine-tunes of
+        one architecture, whose headers are identical."""
+        return f"size={self.size(key)}"
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """All keys under `prefix` (recursive), sorted."""

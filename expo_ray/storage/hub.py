@@ -89,6 +89,9 @@ class HubStorage(Storage):
     def size(self, key: str) -> int:
         return os.path.getsize(self._local(key))
 
+    def version(self, key: str) -> str:
+        return f"commit={self.commit}"  # a commit fixes every file in it
+
     def list(self, prefix: str = "") -> list[str]:
         base = clean_key(prefix) + "/" if prefix else ""
         return [f for f in self._files if f.startswith(base)]

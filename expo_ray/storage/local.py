@@ -99,6 +99,13 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise StorageError(f"{self.describe(key)}: file not found") from None
 
+    def version(self, key: str) -> str:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            raise StorageError(f"{self.describe(key)}: file not found") from None
+        return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
+
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():

@@ -301,6 +301,11 @@ class S3Storage(Storage):
         full = self._key(key)
         return with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))["ContentLength"]
 
+    def version(self, key: str) -> str:
+        full = self._key(key)
+        head = with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))
+        return f"etag={head.get('ETag', '')},size={head['ContentLength']},version={head.get('VersionId', '')}"
+
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
         full = base + (clean_key(prefix) + "/" if prefix else "")
