@@ -385,30 +385,36 @@ def sweep(spec_path, address, check, no_progress):
 
 @main.command()
 @click.option("--workdir", default="expo-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where the tiny models, variants and summary are written (models are reused).")
-@click.option("--alpha", "alphas", default="0,0.1,0.3,0.5,1", show_default=True, metavar="LIST",
-              help="Alphas to extrapolate.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def demo(workdir, alphas, no_progress):
-    """Run the pipeline end to end on tiny models built locally (no GPU, cloud or network)."""
-    from .demo.pipeline import run_demo
+              help="Where models, storage, reports and the summary go (models and results are reused).")
+@click.option("--alpha", "alphas", default="0,1,2,4,8,16,64,256", show_default=True, metavar="LIST",
+              help="The alpha grid for each DPO model.")
+@click.option("--scale", type=click.Choice(["full", "small"]), default="full", show_default=True,
+              help="small: fewer training steps and prompts (for tests).")
+@click.option("--storage", type=click.Choice(["s3", "local"]), default="s3", show_default=True,
+              help="s3: an embedded SeaweedFS server started and stopped by the demo; local: a folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task, data and training.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def demo(workdir, alphas, scale, storage, seed, no_progress):
+    """The ExPO paper's controlled experiment in miniature: train tiny SFT, DPO and reward models on a
+    synthetic task, extrapolate, evaluate with vLLM, and show reward against alpha (CPU only, offline)."""
+    from .demo.pipeline import demo_table, finding_lines, run_demo
     from .plan import parse_alphas
 
-    summary = run_demo(workdir, parse_alphas(alphas), show_progress=not no_progress)
-    lineage_info = summary["lineage"]
-    click.echo(f"SFT:     {summary['models']['sft']}")
-    click.echo(f"aligned: {summary['models']['aligned']}")
-    click.echo(f"lineage: relative change aligned vs SFT = {lineage_info['overall']:.4f}"
-               + ("" if not lineage_info["warnings"] else f"  WARNING: {'; '.join(lineage_info['warnings'])}"))
+    grid = parse_alphas(alphas)
+    if 0.0 not in grid or len(grid) < 2:
+        raise click.UsageError("--alpha must include 0 (the DPO model itself) and at least one other alpha")
+    summary = run_demo(workdir, grid, seed=seed, scale=scale, storage=storage, show_progress=not no_progress,
+                       progress=lambda message: click.echo(f"[demo] {message}", err=True))
     click.echo("")
-    click.echo(f"| {'alpha':>6} | {'verified':>8} | {'||theta - aligned|| / ||aligned||':>34} | variant")
-    click.echo(f"|{'-' * 8}|{'-' * 10}|{'-' * 36}|{'-' * 9}")
-    for row in summary["variants"]:
-        click.echo(f"| {row['alpha']:>6g} | {'yes' if row['verified'] else 'NO':>8} | "
-                   f"{row['distance_from_aligned']:>34.5f} | {row['variant']}")
-    click.echo(f"\ndone in {summary['seconds']:.1f} s; summary: {Path(workdir).resolve() / 'demo-summary.json'}")
-    if not all(r["verified"] for r in summary["variants"]):
-        sys.exit(1)
+    for line in demo_table(summary):
+        click.echo(line)
+    click.echo("")
+    for line in finding_lines(summary):
+        click.echo(line)
+    results = Path(summary["workdir"]) / "results"
+    click.echo(f"\nplot: {results / 'demo.png'}\nreport: {results / 'demo-report.md'} "
+               f"(per model: {results}/<model>/report.md)\ndone in {summary['seconds']:.0f} s "
+               f"(models: {summary['models_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,19 @@ def test_sampling_defaults_are_the_papers():
         SamplingSettings(top_p=0.0)
 
 
+def test_each_prompt_gets_its_own_sampling_seed():
+    """One seed for every request would give every prompt the same random stream (correlated
+    answers); each prompt's seed comes from the base seed and its token ids instead."""
+    s = SamplingSettings()
+    a, b = [1, 5, 9, 2], [1, 5, 10, 2]
+    assert s.request_seed(a) == s.request_seed(list(a)) != s.request_seed(b)
+    assert SamplingSettings(seed=7).request_seed(a) != s.request_seed(a)
+    assert SamplingSettings(seed=None).request_seed(a) is None
+    assert s.to_vllm(a).seed == s.request_seed(a)
+    seeds = {s.request_seed([1, i, 2]) for i in range(1000)}
+    assert len(seeds) == 1000 and all(0 <= x < 2**31 for x in seeds)
+
+
 def test_reward_engine_refuses_a_causal_lm(models):
     began = time.perf_counter()
     with pytest.raises(NotARewardModel, match="LlamaForCausalLM") as err:

@@ -139,8 +139,12 @@ def build_tokenizer(
     *,
     extra_tokens: Iterable[str] = (),
     model_max_length: int = 2048,
+    corpus_lines: Iterable[str] | None = None,
 ) -> Path:
     """Train a byte-level BPE tokenizer on :func:`corpus` and save it into ``out_dir``.
+
+    ``corpus_lines`` replaces the built-in corpus (e.g. a task's own text, so its words become
+    single tokens).
 
     Writes ``tokenizer.json``, ``tokenizer_config.json`` (with ``chat_template``),
     ``special_tokens_map.json`` and ``chat_template.jinja``. The vocabulary has exactly
@@ -168,7 +172,8 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    lines = corpus() if corpus_lines is None else list(corpus_lines)
+    tok.train_from_iterator(lines, trainer=trainer)
     n = tok.get_vocab_size(with_added_tokens=True)
     if n < vocab_size:
         tok.add_special_tokens(

