@@ -403,8 +403,7 @@ def demo(workdir, alphas, scale, storage, seed, no_progress):
     grid = parse_alphas(alphas)
     if 0.0 not in grid or len(grid) < 2:
         raise click.UsageError("--alpha must include 0 (the DPO model itself) and at least one other alpha")
-    summary = run_demo(workdir, grid, seed=seed, scale=scale, storage=storage, show_progress=not no_progress,
-                       progress=lambda message: click.echo(f"[demo] {message}", err=True))
+    summary = run_demo(workdir, grid, seed=seed, scale=scale, storage=storage, show_progress=not no_progress)
     click.echo("")
     for line in demo_table(summary):
         click.echo(line)

@@ -89,3 +89,18 @@ def make_bucket(client, bucket: str) -> None:
     except Exception as exc:  # noqa: BLE001
         if "BucketAlready" not in str(exc):
             raise
+
+
+def assert_greedy_under_transformers(hf_model, prompt_ids, generated, what: str = "", tol: float = 1e-3) -> None:
+    """Every generated token is (within ``tol`` of) the argmax of transformers' logits for the
+    same token ids: teacher-forced, so one near-tie cannot derail the rest of the check."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids) + list(generated)])
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0]
+    for j, token in enumerate(generated):
+        row = logits[len(prompt_ids) + j - 1]
+        assert row[token] >= row.max() - tol, (
+            f"{what + ': ' if what else ''}token {j} ({token}) has logit {row[token]:.6f}, "
+            f"max {row.max():.6f} at {int(row.argmax())}")

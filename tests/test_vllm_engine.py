@@ -27,6 +27,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure: no usable vLLM he
 
 import torch
 
+from conftest import assert_greedy_under_transformers  # noqa: E402
 from expo_ray.demo.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_pair
 from expo_ray.demo.tiny_reward import build_tiny_reward_model
 from expo_ray.evaluate.vllm_engine import (
@@ -87,16 +88,6 @@ def hf_lm(models):
     return AutoModelForCausalLM.from_pretrained(models["lm"], dtype=torch.float32).eval()
 
 
-def _assert_greedy_under_transformers(hf_model, prompt_ids, generated, tol=1e-3):
-    """Every generated token is (within ``tol`` of) the argmax of transformers' logits for the
-    same token ids: teacher-forced, so one near-tie cannot derail the rest of the check."""
-    ids = torch.tensor([list(prompt_ids) + list(generated)])
-    with torch.no_grad():
-        logits = hf_model(ids).logits[0]
-    for j, token in enumerate(generated):
-        row = logits[len(prompt_ids) + j - 1]
-        assert row[token] >= row.max() - tol, (
-            f"token {j} ({token}) has logit {row[token]:.6f}, max {row.max():.6f} at {int(row.argmax())}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +210,7 @@ def test_greedy_generation_is_deterministic_and_matches_transformers(gen_engine,
             assert g.token_count == 24
         else:
             assert g.finish_reason == "stop" and g.token_ids[-1] == eos
-        _assert_greedy_under_transformers(hf_lm, prompt_ids, g.token_ids)
+        assert_greedy_under_transformers(hf_lm, prompt_ids, g.token_ids)
 
 
 def test_seeded_sampling_is_reproducible(gen_engine):
@@ -299,7 +290,7 @@ def test_tensor_parallel_2_generation(models, hf_lm, monkeypatch):
         outs = engine.generate(PROMPTS, SamplingSettings.greedy(max_tokens=16))
         _note(f"TP=2 greedy generation of {len(PROMPTS)} prompts", time.perf_counter() - began)
         for prompt_ids, g in zip(engine.render(PROMPTS), outs):
-            _assert_greedy_under_transformers(hf_lm, prompt_ids, g.token_ids)
+            assert_greedy_under_transformers(hf_lm, prompt_ids, g.token_ids)
 
 
 def test_generation_and_reward_actors_on_ray(models):

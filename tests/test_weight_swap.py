@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_greedy_under_transformers
 from expo_ray.api import extrapolate
 from expo_ray.demo.tiny import build_tiny_pair, build_unrelated
 from expo_ray.errors import ExpoError, PlanError
@@ -196,16 +197,6 @@ def hf_models():
     return load
 
 
-def _assert_greedy_under_transformers(hf_model, prompt_ids, generated, what, tol=1e-3):
-    """Every generated token is (within ``tol`` of) the argmax of transformers' logits for the
-    same token ids: teacher-forced, so one near-tie cannot derail the rest of the check."""
-    ids = torch.tensor([list(prompt_ids) + list(generated)])
-    with torch.no_grad():
-        logits = hf_model(ids).logits[0]
-    for j, token in enumerate(generated):
-        row = logits[len(prompt_ids) + j - 1]
-        assert row[token] >= row.max() - tol, (
-            f"{what}: token {j} ({token}) has logit {row[token]:.6f}, max {row.max():.6f} at {int(row.argmax())}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +227,7 @@ def test_swapped_outputs_are_greedy_under_transformers_on_the_materialized_varia
         hf = hf_models(folders[alpha])
         for i, (prompt_ids, generated) in enumerate(zip(rendered, outputs)):
             assert generated
-            _assert_greedy_under_transformers(hf, prompt_ids, generated, f"alpha={alpha} prompt {i}")
+            assert_greedy_under_transformers(hf, prompt_ids, generated, f"alpha={alpha} prompt {i}")
 
 
 @needs_vllm
