@@ -337,7 +337,7 @@ def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_mat
                                                     initial_prompts=initial_prompts))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    click.echo(f"| {'alpha':>7} | {'prompts':>7} | {'mean reward':>11} | {'95% CI':>19} | {'tokens':>7} | phase")
+    click.echo(f"| {'alpha':>7} | {'prompts':>7} | {'mean reward':>11} | {'95% CI':>19} | {'tokens':>7} | added in")
     for p in report["points"]:
         tokens = "-" if p["mean_tokens"] is None else f"{p['mean_tokens']:.1f}"
         click.echo(f"| {p['alpha']:>7g} | {p['n']:>7} | {p['mean_reward']:>11.4f} | "

@@ -163,7 +163,7 @@ def search_markdown(report: dict) -> str:
         f"- generations: {report['generations']} of a budget of {report['budget']} "
         f"(the full grid would take {report['grid_generations']})",
         "", f"**Best alpha: {best['alpha']:g}** (mean reward {best['mean_reward']:.3f} on {best['n']} prompts)", "",
-        "| alpha | prompts | mean reward | 95% CI | mean tokens | phase |", "|---|---|---|---|---|---|",
+        "| alpha | prompts | mean reward | 95% CI | mean tokens | added in |", "|---|---|---|---|---|---|",
     ]
     for p in report["points"]:
         tokens = "-" if p["mean_tokens"] is None else f"{p['mean_tokens']:.1f}"
