@@ -370,8 +370,7 @@ def sweep(spec_path, address, check, no_progress):
 
         check_destination(spec.destination)
         for pair in spec.pairs:
-            make_plan(pair.sft, pair.aligned, pair.alphas, scales=pair.scale, layer_scales=pair.layer_scales,
-                      exclude=pair.exclude, copy_unmatched=pair.copy_unmatched, allow_added_rows=pair.allow_added_rows)
+            make_plan(pair.sft, pair.aligned, pair.alphas, **pair.plan_options)
         click.echo(f"{spec_path}: valid; {len(spec.pairs)} pair(s), destination {spec.destination}")
         return
     board = run_sweep(spec, address=address, show_progress=not no_progress)

@@ -62,9 +62,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: boo
     plans, problems = {}, []
     for pair in spec.pairs:
         try:
-            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, scales=pair.scale,
-                                           layer_scales=pair.layer_scales, exclude=pair.exclude,
-                                           copy_unmatched=pair.copy_unmatched, allow_added_rows=pair.allow_added_rows)
+            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, **pair.plan_options)
         except ExpoError as exc:
             problems.append(f"pair {pair.name!r}: {exc}")
     if problems:
@@ -112,8 +110,7 @@ def _search_pair(spec: SweepSpec, pair: PairSpec, outcome: PairOutcome, address:
     report = search_alpha(pair.sft, pair.aligned, prompts, e.reward_model, out_uri=outcome.variants_uri,
                           sampling=e.sampling, settings=EngineSettings(tp=e.tp, reward_tp=e.reward_tp),
                           search=SearchSettings(grid=pair.alphas, budget=pair.budget), address=address,
-                          plan_options=dict(scales=pair.scale, layer_scales=pair.layer_scales, exclude=pair.exclude,
-                                            copy_unmatched=pair.copy_unmatched, allow_added_rows=pair.allow_added_rows))
+                          plan_options=pair.plan_options)
     outcome.work_done = True
     log.info("%s: search chose alpha %g after %d generations", pair.name, report["best"]["alpha"], report["generations"])
     return float(report["best"]["alpha"])

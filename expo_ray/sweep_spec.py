@@ -87,6 +87,12 @@ class PairSpec:
     budget: int | None = None
 
     @property
+    def plan_options(self) -> dict:
+        """The pair's alpha rules and policies, as :func:`expo_ray.api.make_plan` takes them."""
+        return dict(scales=self.scale, layer_scales=self.layer_scales, exclude=self.exclude,
+                    copy_unmatched=self.copy_unmatched, allow_added_rows=self.allow_added_rows)
+
+    @property
     def pair_id(self) -> str:
         """Deterministic id from the inputs and settings (not from the name)."""
         ident = json.dumps([self.sft, self.aligned, list(self.scale), self.layer_scales, list(self.exclude),

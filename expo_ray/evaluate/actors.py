@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from .models import local_copy
+from .models import local_copy, local_path
 from .vllm_engine import Generation, GenerationEngine, RewardEngine, SamplingSettings, vllm_version
 
 __all__ = ["GenerationActor", "RewardActor", "generation_actor", "reward_actor"]
@@ -64,6 +64,7 @@ class GenerationActor(_EngineActor):
         # With an identity, model_path may be remote (s3://, hf://): copied to this node's disk once.
         self.model_path = local_copy(model_path, identity) if identity else str(model_path)
         self.identity = identity
+        self._sources: dict[str, str] = {}
         began = time.perf_counter()
         self.engine = GenerationEngine(self.model_path, **engine_kwargs)
         self.startup_s = round(time.perf_counter() - began, 2)
@@ -84,13 +85,19 @@ class GenerationActor(_EngineActor):
 
     def serve_extrapolated(self, sft_uri: str, aligned_uri: str, alpha: float, plan_options: dict | None = None) -> dict:
         """Swap theta(alpha) of (sft, aligned) into the running engine, computed in its workers."""
-        from .models import checkpoint_identity
         from .weight_swap import extrapolated_source
 
-        sft, aligned = (local_copy(u, checkpoint_identity(u)) if "://" in u else u for u in (sft_uri, aligned_uri))
+        sft, aligned = (self._local_source(u) for u in (sft_uri, aligned_uri))
         result = self.engine.swap_weights(extrapolated_source(sft, aligned, alpha, plan_options))
         self.identity = None
         return result
+
+    def _local_source(self, uri: str) -> str:
+        # Resolved once per URI: a remote source's identity means reading its headers, and a
+        # search swaps alpha after alpha from the same two sources.
+        if uri not in self._sources:
+            self._sources[uri] = local_path(uri)
+        return self._sources[uri]
 
     def generate(self, prompts: Sequence[str], sampling: SamplingSettings | dict | None = None) -> list[dict]:
         outs: list[Generation] = self.engine.generate(list(prompts), _sampling(sampling))

@@ -64,10 +64,10 @@ def _ranked(points: list[Point], n: int) -> list[Point]:
     return sorted(points, key=lambda p: (-float(np.mean(p.rewards[:n])), p.alpha))
 
 
-def adaptive_search(evaluate: Callable[[float, int], Sequence[float]], grid: Sequence[float], n_prompts: int,
-                    budget: int | None = None, initial: int | None = None, refine_steps: int = 2,
-                    log: Callable[[str], None] = lambda message: None) -> SearchOutcome:
-    """Search ``grid`` (and refinements) for the alpha with the highest mean reward; see the module."""
+def search_settings(grid: Sequence[float], n_prompts: int, budget: int | None = None,
+                    initial: int | None = None) -> tuple[list[float], int, int]:
+    """The sorted grid, the budget and the first round's prompt count, with defaults filled in;
+    ValueError when they cannot work (checked before any engine starts)."""
     grid = sorted({float(a) for a in grid})
     if len(grid) < 2:
         raise ValueError("the coarse grid needs at least two alphas")
@@ -78,6 +78,14 @@ def adaptive_search(evaluate: Callable[[float, int], Sequence[float]], grid: Seq
     if budget < len(grid) * initial:
         raise ValueError(f"a budget of {budget} generations cannot evaluate the {len(grid)}-point grid on "
                          f"{initial} prompts each; give at least {len(grid) * initial}")
+    return grid, budget, initial
+
+
+def adaptive_search(evaluate: Callable[[float, int], Sequence[float]], grid: Sequence[float], n_prompts: int,
+                    budget: int | None = None, initial: int | None = None, refine_steps: int = 2,
+                    log: Callable[[str], None] = lambda message: None) -> SearchOutcome:
+    """Search ``grid`` (and refinements) for the alpha with the highest mean reward; see the module."""
+    grid, budget, initial = search_settings(grid, n_prompts, budget, initial)
     points: dict[float, Point] = {}
     spent = 0
 

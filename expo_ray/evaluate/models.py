@@ -65,6 +65,12 @@ def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify
     return sorted(refs, key=lambda r: (r.alpha is not None, r.alpha or 0.0))
 
 
+def local_path(uri: str) -> str:
+    """A local folder holding the model at ``uri``: a local path as it is, a remote one copied
+    once (see :func:`local_copy`, keyed by :func:`checkpoint_identity`)."""
+    return local_copy(uri, checkpoint_identity(uri)) if "://" in uri else uri
+
+
 def local_copy(uri: str, identity: str, cache_dir: str = CACHE_DIR) -> str:
     """A local folder with the model at `uri` (vLLM loads from local disk): local paths as they are,
     hf:// through the Hugging Face cache, s3:// copied once into `cache_dir` (keyed by identity)."""

@@ -21,7 +21,7 @@ from ..errors import ExpoError
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import Storage, open_storage
 from .aggregate import Scored, summarize
-from .models import ModelRef, checkpoint_identity, local_copy, models_to_evaluate
+from .models import ModelRef, checkpoint_identity, local_path, models_to_evaluate
 from .prompts import PromptSet
 from .report import write_report
 
@@ -45,13 +45,26 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _cluster_has_gpus(ray) -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def uses_gpus(ray, settings: EngineSettings) -> bool:
+    """Whether engines run on GPUs: as set, or when the cluster has any."""
+    return ray.cluster_resources().get("GPU", 0) > 0 if settings.use_gpu is None else settings.use_gpu
 
 
-def _engine_kwargs(placement, common: dict) -> dict:
+def engine_kwargs(placement, settings: EngineSettings) -> dict:
+    """What every engine gets: the placement's tensor parallelism and executor, trust and dtype."""
     kwargs = {k: v for k, v in placement.engine_kwargs().items() if v is not None}
-    return {**kwargs, **common}
+    return {**kwargs, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
+
+
+def start_reward_actor(reward_model: str, settings: EngineSettings, use_gpu: bool):
+    """A reward actor for ``reward_model`` (a remote one is copied to its node's disk once)."""
+    from .actors import reward_actor
+    from .placement import plan_engine
+
+    placement = plan_engine(settings.reward_tp, use_gpu=use_gpu)
+    return reward_actor().options(**task_options(**placement.actor_options)).remote(
+        reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None,
+        **engine_kwargs(placement, settings))
 
 
 def _stop(ray, actor) -> None:
@@ -64,30 +77,28 @@ def _stop(ray, actor) -> None:
 
 
 def _engines_that_fit(ray, settings: EngineSettings, use_gpu: bool) -> int:
-    """Default engine count: without swapping one per model (Ray queues what does not fit);
-    with swapping as many as the cluster holds at once (one per node on CPU machines)."""
+    """How many engines the cluster holds at once (one per node on CPU machines)."""
     from .placement import engines_that_fit
 
-    if not settings.swap:
-        return 1 << 30
     gpus = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
     return max(1, engines_that_fit(settings.tp, gpus, use_gpu))
 
 
-def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, common: dict,
-                  save) -> None:
+def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, save) -> None:
     """Up to max_engines engines; each result is saved as it arrives.
 
     With ``settings.swap`` an engine that finished one model loads the next model's weights in
     place (no restart) when its tensors fit; a model that does not fit gets an engine of its own.
-    Without it every model gets a new engine.
+    Without it every model gets a new engine. By default as many engines run as the cluster holds
+    at once with swapping, one per model without (Ray queues what does not fit).
     """
     from .actors import generation_actor
     from .placement import plan_engine
 
     placement = plan_engine(settings.tp, use_gpu=use_gpu)
-    kwargs = dict(_engine_kwargs(placement, common), max_model_len=settings.max_model_len, swappable=settings.swap)
-    n_engines = max(1, min(len(todo), settings.max_engines or _engines_that_fit(ray, settings, use_gpu)))
+    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=settings.swap)
+    default = _engines_that_fit(ray, settings, use_gpu) if settings.swap else len(todo)
+    n_engines = max(1, min(len(todo), settings.max_engines or default))
     queue, running = list(todo), {}
 
     def start(m: ModelRef):
@@ -141,8 +152,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     began = time.perf_counter()
     sampling = asdict(SamplingSettings(**sampling))
     models = models_to_evaluate(variants_uri, include_sft)
-    reward_path = local_copy(reward_model, checkpoint_identity(reward_model)) if "://" in reward_model else reward_model
-    check_reward_model(reward_path, settings.trust_remote_code)  # before any engine starts
+    check_reward_model(local_path(reward_model), settings.trust_remote_code)  # before any engine starts
     reward_id = checkpoint_identity(reward_model)
     eval_id = _key(prompts.fingerprint, sampling, reward_id)[:12]
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
@@ -154,22 +164,15 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
              len(models), len(texts), prompts.name, len(todo))
 
     ray = ensure_ray(address)
-    use_gpu = _cluster_has_gpus(ray) if settings.use_gpu is None else settings.use_gpu
-    common = {"trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
+    use_gpu = uses_gpus(ray, settings)
     if todo:
-        _generate_all(ray, todo, texts, sampling, settings, use_gpu, common,
+        _generate_all(ray, todo, texts, sampling, settings, use_gpu,
                       lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode()))
 
     reward_keys = {m.label: _key(gen_keys[m.label], reward_id) for m in models}
     to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
     if to_score:
-        from .actors import reward_actor
-        from .placement import plan_engine
-
-        placement = plan_engine(settings.reward_tp, use_gpu=use_gpu)
-        scorer = reward_actor().options(**task_options(**placement.actor_options)).remote(
-            reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None,
-            **_engine_kwargs(placement, common))
+        scorer = start_reward_actor(reward_model, settings, use_gpu)
         try:
             for m in to_score:
                 generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from ..errors import ExpoError
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import open_storage
-from .adaptive import SearchOutcome, adaptive_search, point_stats
-from .models import checkpoint_identity, local_copy
-from .pipeline import EngineSettings, _engine_kwargs, _stop
+from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
+from .models import checkpoint_identity, local_path
+from .pipeline import EngineSettings, _stop, engine_kwargs, start_reward_actor, uses_gpus
 from .prompts import PromptSet
 
 log = logging.getLogger("expo_ray")
@@ -47,20 +47,16 @@ class _Evaluator:
 
     def __init__(self, ray, sft: str, aligned: str, texts: list[str], reward_model: str, sampling: dict,
                  settings: EngineSettings, plan_options: dict, use_gpu: bool):
-        from .actors import generation_actor, reward_actor
+        from .actors import generation_actor
         from .placement import plan_engine
 
         self.ray, self.sft, self.aligned, self.texts = ray, sft, aligned, texts
         self.sampling, self.plan_options = sampling, plan_options
-        common = {"trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
-        gen_place = plan_engine(settings.tp, use_gpu=use_gpu)
-        rew_place = plan_engine(settings.reward_tp, use_gpu=use_gpu)
-        self.generator = generation_actor().options(**task_options(**gen_place.actor_options)).remote(
+        placement = plan_engine(settings.tp, use_gpu=use_gpu)
+        self.generator = generation_actor().options(**task_options(**placement.actor_options)).remote(
             aligned, checkpoint_identity(aligned) if "://" in aligned else None,
-            swappable=True, max_model_len=settings.max_model_len, **_engine_kwargs(gen_place, common))
-        self.scorer = reward_actor().options(**task_options(**rew_place.actor_options)).remote(
-            reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None,
-            **_engine_kwargs(rew_place, common))
+            swappable=True, max_model_len=settings.max_model_len, **engine_kwargs(placement, settings))
+        self.scorer = start_reward_actor(reward_model, settings, use_gpu)
         self.answers: dict[float, list[dict]] = {}
         self.serving: float | None = None
         self.swap_seconds: list[float] = []
@@ -95,17 +91,17 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
 
     began = time.perf_counter()
     plan_options = dict(plan_options or {})
-    make_plan(sft, aligned, (1.0,), **plan_options)  # pairs and validates before any engine starts
-    reward_path = local_copy(reward_model, checkpoint_identity(reward_model)) if "://" in reward_model else reward_model
-    check_reward_model(reward_path, settings.trust_remote_code)
+    # Everything that can be refused is checked before any engine starts.
+    search_settings(search.grid, len(prompts.prompts), search.budget, search.initial_prompts)
+    make_plan(sft, aligned, (1.0,), **plan_options)
+    check_reward_model(local_path(reward_model), settings.trust_remote_code)
     sampling = asdict(SamplingSettings(**sampling))
     order = list(range(len(prompts.prompts)))
     random.Random(search.shuffle_seed).shuffle(order)
     texts = [prompts.prompts[i].text for i in order]
 
     ray = ensure_ray(address)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if settings.use_gpu is None else settings.use_gpu
-    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, use_gpu)
+    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, uses_gpus(ray, settings))
     try:
         outcome = adaptive_search(evaluator, search.grid, len(texts), budget=search.budget,
                                   initial=search.initial_prompts, refine_steps=search.refine_steps, log=log.info)
@@ -199,13 +195,12 @@ def plot_search(report: dict) -> bytes:
 def materialize(sft: str, aligned: str, alphas: list[float], out_uri: str, *, plan_options: dict | None = None,
                 address: str | None = None, command: str | None = None, show_progress: bool = True) -> list[str]:
     """Extrapolate, commit and verify the chosen alphas under ``out_uri``; returns the variant URIs."""
-    from ..api import make_plan
-    from ..extrapolate import run_plan
+    from ..api import extrapolate
     from ..manifest import verify_variant
     from ..plan import variant_name
 
-    plan = make_plan(sft, aligned, alphas, **(plan_options or {}))
-    run_plan(plan, out_uri, address=address, command=command, show_progress=show_progress)
+    extrapolate(sft, aligned, alphas, out_uri, address=address, command=command, show_progress=show_progress,
+                **(plan_options or {}))
     root = open_storage(out_uri)
     uris = []
     for alpha in alphas:
