@@ -81,7 +81,7 @@ def extrapolate(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_u
                 chunk_mib, address, dry_run, no_progress):
     """Write one complete model folder per alpha under DST, each committed with a manifest."""
     from .api import make_plan
-    from .extrapolate import default_command, run_plan
+    from .extrapolate import run_plan
     from .plan import parse_alphas, plan_summary
 
     plan = make_plan(sft, aligned, parse_alphas(alphas), scales=scales, layer_scales=layer_scales, exclude=exclude,
@@ -92,8 +92,7 @@ def extrapolate(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_u
     if dry_run:
         click.echo(json.dumps(summary, indent=2))
         return
-    result = run_plan(plan, out, chunk_mib=chunk_mib, address=address, command=default_command(),
-                      show_progress=not no_progress)
+    result = run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=not no_progress)
     for name, state in result.variants.items():
         click.echo(f"{result.out_uri.rstrip('/')}/{name}: {state}")
     if result.seconds:
@@ -295,12 +294,12 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
         address, **o):
     """Extrapolate one pair, then evaluate every variant: the whole ExPO alpha search in one command."""
     from .api import make_plan
-    from .extrapolate import default_command, run_plan
+    from .extrapolate import run_plan
     from .plan import parse_alphas
 
     plan = make_plan(sft, aligned, parse_alphas(alphas), scales=scales, layer_scales=layer_scales, exclude=exclude,
                      copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows)
-    run_plan(plan, out, chunk_mib=chunk_mib, address=address, command=default_command(), show_progress=True)
+    run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=True)
     _run_evaluation(out, o, address)
 
 
@@ -324,7 +323,6 @@ def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_mat
            exclude, copy_unmatched, allow_added_rows, address, **o):
     """Adaptive alpha search with one engine that swaps weights in place; materialize only the winner."""
     from .evaluate.search import SearchSettings, materialize, search_alpha
-    from .extrapolate import default_command
     from .plan import parse_alphas
 
     prompts, sampling, settings = _eval_inputs(o)
@@ -348,8 +346,7 @@ def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_mat
     if no_materialize:
         return
     chosen = [report["best"]["alpha"]] + ([report["runner_up"]] if runner_up and report["runner_up"] is not None else [])
-    for uri in materialize(sft, aligned, chosen, out, plan_options=plan_options, address=address,
-                           command=default_command()):
+    for uri in materialize(sft, aligned, chosen, out, plan_options=plan_options, address=address):
         click.echo(f"materialized and verified: {uri}")
 
 
@@ -365,12 +362,9 @@ def sweep(spec_path, address, check, no_progress):
 
     spec = load_spec(spec_path)
     if check:
-        from .api import make_plan
-        from .sweep import check_destination
+        from .sweep import check_sweep
 
-        check_destination(spec.destination)
-        for pair in spec.pairs:
-            make_plan(pair.sft, pair.aligned, pair.alphas, **pair.plan_options)
+        check_sweep(spec)
         click.echo(f"{spec_path}: valid; {len(spec.pairs)} pair(s), destination {spec.destination}")
         return
     board = run_sweep(spec, address=address, show_progress=not no_progress)

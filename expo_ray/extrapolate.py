@@ -9,16 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import __version__
 from .checkpoint import INDEX_FILE
+from .destination import check_destination
 from .errors import ExpoError, StorageError
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
-from .modelcard import model_card
+from .modelcard import canonical_command, model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options
 from .safetensors_io import read_header
@@ -32,6 +32,7 @@ DEFAULT_CHUNK_MIB = 256
 TASK_BASE_MEMORY = 512 * 1024 * 1024
 TASK_MAX_RETRIES = 3
 ROOT_INDEX = "expo-ray-index.json"
+COMMITTED_BY_OTHER = "already committed by another run"
 
 
 @dataclass
@@ -57,10 +58,10 @@ def _shard_task(job: ShardJob, tracker):
 
 
 def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, address: str | None = None,
-             command: str | None = None, show_progress: bool = True) -> ExtrapolationResult:
+             show_progress: bool = True) -> ExtrapolationResult:
     """Write every variant of `plan` under `out_uri`, skipping work already done."""
     began = time.perf_counter()
-    out = open_storage(out_uri)
+    out = check_destination(out_uri, {"sft": plan.sft_uri, "aligned": plan.aligned_uri})
     result = ExtrapolationResult(out.uri)
     todo = []
     for alpha in plan.alphas:
@@ -99,14 +100,23 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
         refs = {task.options(**task_options(name=f"extrapolate:{j.shard.key}", memory=memory,
                                             max_retries=TASK_MAX_RETRIES, retry_exceptions=False)).remote(j, bar.tracker): j
                 for j in jobs}
-        records = bar.wait(refs)
+        try:
+            records = bar.wait(refs)
+        except ExpoError:
+            # Another run of the same job may have committed these variants meanwhile (and removed
+            # what this run was writing): that is success, not failure.
+            if not all(_same_job_committed(out.child(n), f) for n, f in zip(names, fingerprints)):
+                raise
+            result.variants.update({n: COMMITTED_BY_OTHER for n in names})
+            write_root_index(out)
+            return result
     result.shards_resumed = sum(len(r["resumed"]) for r in records)
     if result.shards_resumed:
         log.info("resumed: %d output shard(s) were already written by an earlier run and verified",
                  result.shards_resumed)
 
     for alpha, name, fingerprint in zip(todo, names, fingerprints):
-        result.variants[name] = _commit_variant(plan, out, name, alpha, records, command, fingerprint)
+        result.variants[name] = _commit_variant(plan, out, name, alpha, records, fingerprint)
         for r in records:
             out.delete(receipt_key(name, r["shard"]))
     write_root_index(out)
@@ -121,9 +131,19 @@ def _shard_metadata(store: Storage, key: str) -> dict:
     return {k: v for k, v in meta.items() if not k.startswith("expo_ray.")}
 
 
-def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], command: str | None,
-                    fingerprint: str) -> str:
-    """Index, config and tokenizer files, model card, then the manifest LAST (create-if-absent)."""
+def _same_job_committed(variant: Storage, fingerprint: str) -> bool:
+    try:
+        existing = read_manifest(variant)
+    except ExpoError:
+        return False
+    return existing is not None and existing.get("fingerprint") == fingerprint
+
+
+def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], fingerprint: str) -> str:
+    """Index, config and tokenizer files, model card, then the manifest LAST (create-if-absent).
+
+    Every byte is fixed before anything is written, and depends only on the inputs and settings
+    (never on how the command was spelled): a concurrent run of the same job writes the same bytes."""
     variant = out.child(name)
     # Attempts of tasks that were killed and retried may have left temp files / uploads behind.
     leftovers = out.cleanup_incomplete(name)
@@ -131,17 +151,20 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
         log.info("%s: removed %d leftover(s) of killed task attempts", variant.describe(), leftovers)
     files = [{"path": r["shard"], **r["files"][name]} for r in records]
     index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
-    index_bytes = (json.dumps(index, indent=2) + "\n").encode()
-    variant.write_bytes(INDEX_FILE, index_bytes)
-    files.append(file_record(variant, INDEX_FILE, index_bytes))
+    payload = {INDEX_FILE: (json.dumps(index, indent=2) + "\n").encode()}
     aligned = open_storage(plan.aligned_uri)
     for key in plan.aux_files:
-        data = aligned.read_bytes(key, limit=512 * 1024 * 1024)
+        payload[key] = aligned.read_bytes(key, limit=512 * 1024 * 1024)
+    summary = plan_summary(plan)
+    payload["README.md"] = model_card(sft=plan.sft_uri, aligned=plan.aligned_uri, alpha=alpha, rules=summary["rules"],
+                                      options=summary["options"], tensors=dict(plan.counts),
+                                      fingerprint=plan.source_fingerprint).encode()
+    files += [file_record(variant, key, data) for key, data in payload.items()]
+    existing = read_manifest(variant)
+    if existing is not None:  # a committed variant is immutable
+        return _committed_by_other(variant, existing, fingerprint, files)
+    for key, data in payload.items():
         variant.write_bytes(key, data)
-        files.append(file_record(variant, key, data))
-    card = model_card(plan, alpha, command).encode()
-    variant.write_bytes("README.md", card)
-    files.append(file_record(variant, "README.md", card))
     manifest = {
         "format": FORMAT,
         "variant": name,
@@ -149,10 +172,10 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "expo_ray_version": __version__,
-        "command": command,
+        "command": canonical_command(plan.sft_uri, plan.aligned_uri, alpha, summary["rules"], summary["options"]),
         "sources": {"sft": plan.sft_uri, "aligned": plan.aligned_uri, "fingerprint": plan.source_fingerprint},
-        "rules": plan.rules.describe(),
-        "options": plan_summary(plan)["options"],
+        "rules": summary["rules"],
+        "options": summary["options"],
         "tensors": dict(plan.counts),
         "bytes": sum(f["size"] for f in files),
         "files": files,
@@ -161,12 +184,22 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
         write_manifest(variant, manifest)
     except StorageError:
         existing = read_manifest(variant)
-        if existing is not None and existing.get("fingerprint") == fingerprint:
-            log.info("%s: committed meanwhile by a concurrent run with the same inputs", variant.describe())
-            return "already complete"
-        raise
+        if existing is None:
+            raise
+        return _committed_by_other(variant, existing, fingerprint, files)
     log.info("committed %s", variant.describe())
     return "written"
+
+
+def _committed_by_other(variant: Storage, existing: dict, fingerprint: str, files: list[dict]) -> str:
+    """The outcome when another run committed `variant` first: fine if it holds exactly our bytes."""
+    def content(records):
+        return sorted((r.get("path"), r.get("size"), r.get("sha256")) for r in records if isinstance(r, dict))
+    if existing.get("fingerprint") == fingerprint and content(existing["files"]) == content(files):
+        log.info("%s: already committed by another run with the same inputs and settings", variant.describe())
+        return COMMITTED_BY_OTHER
+    raise ExpoError(f"{variant.describe()}: committed meanwhile by another run with other inputs or settings "
+                    "(its manifest differs); nothing of this run was committed there; choose another --out")
 
 
 def write_root_index(out: Storage) -> None:
@@ -191,10 +224,3 @@ def write_root_index(out: Storage) -> None:
     index = {"format": "expo-ray.index/1", "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "variants": entries}
     out.write_bytes(ROOT_INDEX, (json.dumps(index, indent=2) + "\n").encode())
-
-
-def default_command() -> str:
-    import shlex
-    import sys
-
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])

@@ -1,14 +1,35 @@
-"""The README.md model card written into every variant folder."""
+"""The README.md model card written into every variant folder.
+
+Built only from canonical values (resolved source URIs, the alpha, the rules and options), never
+from the command as typed: every spelling of one job commits the same bytes.
+"""
 from __future__ import annotations
 
 import json
+import shlex
 
 from . import __version__
-from .plan import Plan, format_alpha
+from .plan import format_alpha
 
 
-def model_card(plan: Plan, alpha: float, command: str | None) -> str:
-    rules = plan.rules.describe()
+def canonical_command(sft: str, aligned: str, alpha: float, rules: dict, options: dict) -> str:
+    """An `expo-ray extrapolate` command line that makes this variant (DST left as a placeholder)."""
+    args = ["expo-ray", "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", format_alpha(alpha)]
+    for pattern, factor in rules.get("scales") or []:
+        args += ["--scale", f"{pattern}={factor!r}"]
+    if rules.get("layer_scales"):
+        args += ["--layer-scales", ",".join(repr(float(f)) for f in rules["layer_scales"])]
+    for pattern in rules.get("exclude") or []:
+        args += ["--exclude", pattern]
+    for option, value in sorted(options.items()):
+        if value is True:
+            args.append("--" + option.replace("_", "-"))
+    return " ".join(shlex.quote(a) for a in args) + " --out DST"
+
+
+def model_card(*, sft: str, aligned: str, alpha: float, rules: dict, options: dict, tensors: dict,
+               fingerprint: str) -> str:
+    """The card for one variant; every argument is a canonical value (see the module docstring)."""
     rule_lines = []
     for pattern, factor in rules["scales"]:
         rule_lines.append(f"- tensors matching `{pattern}`: alpha x {factor}")
@@ -19,13 +40,13 @@ def model_card(plan: Plan, alpha: float, command: str | None) -> str:
         rule_lines.append(f"- tensors matching `{pattern}`: copied unchanged from the aligned model")
     if not rule_lines:
         rule_lines.append("- one alpha for every floating-point tensor")
-    counts = ", ".join(f"{k}: {v}" for k, v in plan.counts.items() if v)
+    counts = ", ".join(f"{k}: {v}" for k, v in tensors.items() if v)
     return f"""---
 tags:
 - expo
 - model-extrapolation
 - expo-ray
-base_model: {json.dumps(plan.aligned_uri)}
+base_model: {json.dumps(aligned)}
 ---
 # ExPO variant, alpha = {format_alpha(alpha)}
 
@@ -38,18 +59,18 @@ into the tensor's dtype.
 
 | | |
 |---|---|
-| aligned model | `{plan.aligned_uri}` |
-| SFT model | `{plan.sft_uri}` |
+| aligned model | `{aligned}` |
+| SFT model | `{sft}` |
 | alpha | {format_alpha(alpha)} |
 | tensors | {counts} |
-| sources fingerprint | `{plan.source_fingerprint[:16]}` |
+| sources fingerprint | `{fingerprint[:16]}` |
 
 Alpha rules:
 {chr(10).join(rule_lines)}
 
 Command:
 
-    {command or "(library call)"}
+    {canonical_command(sft, aligned, alpha, rules, options)}
 
 Config, tokenizer and generation settings are the aligned model's. `manifest.json` lists every file
 with its size and sha256; `expo-ray verify` checks them. A folder without `manifest.json` is incomplete.

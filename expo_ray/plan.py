@@ -201,16 +201,20 @@ class Plan:
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
-    """Identifies a checkpoint by its headers (names, dtypes, shapes, offsets, file sizes) and each
-    shard's content version (size and mtime, ETag, Hub commit): two fine-tunes of one architecture
-    have identical headers."""
+    """Identifies a checkpoint by its headers (names, dtypes, shapes, offsets, file sizes) and the
+    content version (size and mtime, ETag, Hub commit) of each shard and of each config, tokenizer
+    and template file: two fine-tunes of one architecture have identical headers, and an edited
+    config or chat template is another model."""
     shards = list(ckpt.headers)
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:
-        versions = dict(zip(shards, pool.map(ckpt.storage.version, shards)))
+    files = shards + ckpt.aux_files()
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
+        versions = dict(zip(files, pool.map(ckpt.storage.version, files)))
     h = hashlib.sha256()
     for shard, header in ckpt.headers.items():
         h.update(json.dumps([shard, header.file_size, versions[shard],
                              [[t.name, t.dtype, list(t.shape), t.start] for t in header.tensors]]).encode())
+    for key in ckpt.aux_files():
+        h.update(json.dumps([key, versions[key]]).encode())
     return h.hexdigest()
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__, kernel
 from .errors import ExpoError
 from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan, format_alpha
-from .manifest import sha256_of
+from .manifest import MANIFEST_FILE, sha256_of
 from .safetensors_io import encode_header
 from .storage import Reader, Storage, Writer, open_storage
 
@@ -88,9 +88,13 @@ class _Outputs:
             self.sizes[i] += len(view)
         hashed.result()  # the chunk buffers may be reused once this returns
 
-    def commit(self) -> None:
-        for w in self.writers:
-            w.commit()
+    def commit(self, keep: list[bool]) -> None:
+        """Make the outputs with keep[i] visible; discard the others."""
+        for w, k in zip(self.writers, keep):
+            if k:
+                w.commit()
+            else:
+                w.abort()
 
     def abort(self) -> None:
         for w in self.writers:
@@ -144,6 +148,10 @@ def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str) ->
     return {"size": size, "sha256": digest}
 
 
+def _committed(out_store: Storage, variant: str) -> bool:
+    return out_store.exists(f"{variant}/{MANIFEST_FILE}")
+
+
 def run_shard(job: ShardJob, progress=None) -> dict:
     """Execute one shard; returns {"shard", "files": {variant: {size, sha256}}, "resumed": [...], timings}.
 
@@ -167,6 +175,8 @@ def run_shard(job: ShardJob, progress=None) -> dict:
         written, stats = _compute_shard(sub, out_store, progress)
         for variant, fingerprint in zip(sub.variants, sub.fingerprints):
             files[variant] = written[variant]
+            if _committed(out_store, variant):
+                continue
             receipt = dict(written[variant], fingerprint=fingerprint)
             out_store.write_bytes(receipt_key(variant, job.shard.key), json.dumps(receipt).encode())
     elif progress is not None:
@@ -208,7 +218,8 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         for t in job.shard.tensors:
             compute_s += _stream_tensor(job, t, reader, outputs, io_pool, progress)
         io_pool.writer.submit(lambda: None).result()
-        outputs.commit()
+        # A committed variant is immutable: never replace a file of one another run committed meanwhile.
+        outputs.commit([not _committed(out_store, v) for v in job.variants])
     except BaseException:
         io_pool.writer.shutdown(wait=True)  # no write may race the cleanup
         outputs.abort()

@@ -20,11 +20,11 @@ import dataclasses
 import json
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .api import make_plan
+from .destination import check_destination, check_no_overlap
 from .errors import ExpoError
 from .extrapolate import run_plan
 from .storage import open_storage
@@ -42,31 +42,28 @@ class PairOutcome:
     work_done: bool = False
 
 
-def check_destination(uri: str) -> None:
-    """Fail before any work if the destination cannot be written."""
-    store = open_storage(uri)
-    probe = f".expo-ray/write-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        store.write_bytes(probe, b"ok")
-        store.delete(probe)
-    except ExpoError as exc:
-        raise ExpoError(f"destination {uri} is not writable: {exc}") from None
+def check_sweep(spec: SweepSpec) -> dict:
+    """Open and validate every pair before anything runs (missing or mismatched models, outputs
+    that would land on an input, an unwritable destination): all problems listed at once.
+    Returns each pair's plan by folder."""
+    dest = spec.destination.rstrip("/")
+    plans, problems = {}, []
+    for pair in spec.pairs:
+        try:
+            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, **pair.plan_options)
+            check_no_overlap(open_storage(f"{dest}/{pair.folder}/variants"), {"sft": pair.sft, "aligned": pair.aligned})
+        except ExpoError as exc:
+            problems.append(f"pair {pair.name!r}: {exc}")
+    if problems:
+        raise ExpoError(f"{spec.path}: sweep not started:\n  " + "\n  ".join(problems))
+    check_destination(spec.destination)
+    return plans
 
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: bool = True,
               max_parallel_pairs: int = 4) -> dict:
     began = time.perf_counter()
-    check_destination(spec.destination)
-    # Every pair is opened and validated before anything runs: missing or mismatched models stop
-    # the sweep here, with all problems listed.
-    plans, problems = {}, []
-    for pair in spec.pairs:
-        try:
-            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, **pair.plan_options)
-        except ExpoError as exc:
-            problems.append(f"pair {pair.name!r}: {exc}")
-    if problems:
-        raise ExpoError(f"{spec.path}: sweep not started:\n  " + "\n  ".join(problems))
+    plans = check_sweep(spec)
     from .ray_runtime import ensure_ray
 
     ensure_ray(address)
@@ -78,7 +75,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: boo
         if pair.mode == "search":
             plan = dataclasses.replace(plan, alphas=(_search_pair(spec, pair, outcome, address),))
         result = run_plan(plan, outcome.variants_uri, chunk_mib=spec.chunk_mib, address=address,
-                          command=f"expo-ray sweep {spec.path}", show_progress=show_progress and len(spec.pairs) == 1)
+                          show_progress=show_progress and len(spec.pairs) == 1)
         outcome.extrapolated = result.variants
         outcome.work_done |= any(v == "written" for v in result.variants.values())
         if spec.evaluation is not None:

@@ -109,7 +109,7 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
             say(f"{name}: relative change from SFT {overall.relative:.4f}; extrapolating alphas "
                 f"{', '.join(f'{a:g}' for a in alphas)}")
             variants = f"{root}/{scale}-seed{seed}/{name}"
-            result = extrapolate(sft, aligned, alphas, variants, command="expo-ray demo", show_progress=show_progress)
+            result = extrapolate(sft, aligned, alphas, variants, show_progress=show_progress)
             say(f"{name}: evaluating {len(alphas)} variants on {len(prompts.prompts)} prompts with vLLM "
                 "(one engine, weights swapped in place per variant)")
             report = evaluate_variants(variants, prompts, str(models["reward"]), sampling=EVAL_SAMPLING,

@@ -193,13 +193,13 @@ def plot_search(report: dict) -> bytes:
 
 
 def materialize(sft: str, aligned: str, alphas: list[float], out_uri: str, *, plan_options: dict | None = None,
-                address: str | None = None, command: str | None = None, show_progress: bool = True) -> list[str]:
+                address: str | None = None, show_progress: bool = True) -> list[str]:
     """Extrapolate, commit and verify the chosen alphas under ``out_uri``; returns the variant URIs."""
     from ..api import extrapolate
     from ..manifest import verify_variant
     from ..plan import variant_name
 
-    extrapolate(sft, aligned, alphas, out_uri, address=address, command=command, show_progress=show_progress,
+    extrapolate(sft, aligned, alphas, out_uri, address=address, show_progress=show_progress,
                 **(plan_options or {}))
     root = open_storage(out_uri)
     uris = []

@@ -112,6 +112,11 @@ class Storage(ABC):
             w.write(data)
             w.commit()
 
+    def location(self) -> tuple[str, ...]:
+        """Where this root really is, as path parts (resolved links, normalised bucket/prefix): two
+        spellings of one place give the same tuple, and a tuple that starts with another lies inside it."""
+        return (self.uri,)
+
     def child(self, prefix: str) -> "Storage":
         """A storage rooted at `prefix` inside this one."""
         raise NotImplementedError

@@ -102,5 +102,8 @@ class HubStorage(Storage):
     def delete(self, key: str) -> None:
         raise StorageError(f"{self.describe(key)}: hf:// locations are read-only")
 
+    def location(self) -> tuple[str, ...]:
+        return ("hf", *self.repo.split("/"))
+
     def child(self, prefix: str) -> "Storage":
         raise StorageError(f"{self.uri}: sub-folders of hub repositories are not supported as model folders")

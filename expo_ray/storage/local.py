@@ -1,7 +1,13 @@
-"""Local-folder storage: positional reads, temp-file + rename writes."""
+"""Local-folder storage: positional reads, temp-file + rename writes.
+
+Reads are confined to the folder: a file that is a link to somewhere outside it is refused (the
+Hugging Face cache's links from a snapshot into its own blobs excepted).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -9,6 +15,24 @@ from ..errors import StorageError
 from .base import Reader, Storage, Writer, clean_key
 
 TEMP_MARK = ".expo-partial-"
+# Temp names carry this host and the writing process, so that cleaning up leftovers of killed
+# writers never removes a file another live run is still writing.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """Whether the process that is writing `temp_name` is alive (on this host)."""
+    host, _, rest = temp_name[len(TEMP_MARK):].partition("-")
+    pid = rest.partition("-")[0]
+    if host != HOST_TAG or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != 0
 
 
 class LocalReader(Reader):
@@ -47,11 +71,15 @@ class LocalWriter(Writer):
         self.label = label
         self.if_absent = if_absent
         final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = final.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{final.name}")
+        self.temp = final.with_name(f"{TEMP_MARK}{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
         self._f = open(self.temp, "wb")
 
     def write(self, data) -> None:
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except OSError as exc:  # disk full, quota, I/O error
+            self.abort()
+            raise StorageError(f"{self.label}: cannot write ({exc.strerror or exc})") from None
 
     def commit(self) -> None:
         try:
@@ -81,37 +109,67 @@ class LocalWriter(Writer):
 
 class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser().resolve()
+        try:
+            self.root = Path(root).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise StorageError(f"{os.fsdecode(root)}: not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
         return self.root / clean_key(key)
 
+    def _confined(self, key: str) -> Path:
+        """The path of `key` for reading, refusing links that lead out of the folder."""
+        path = self._path(key)
+        real = Path(os.path.realpath(path))
+        allowed = [self.root]
+        if self.root.parent.name == "snapshots":  # a Hugging Face cache snapshot links into its blobs
+            allowed.append(self.root.parent.parent / "blobs")
+        if not any(real == a or a in real.parents for a in allowed):
+            raise StorageError(f"{self.describe(key)}: is a link to {real}, outside the folder; refused "
+                               "(copy the file into the folder instead)")
+        return path
+
     def open_reader(self, key: str) -> LocalReader:
-        return LocalReader(self._path(key), self.describe(key))
+        return LocalReader(self._confined(key), self.describe(key))
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            return self._path(key).is_file()
+        except OSError as exc:
+            raise StorageError(f"{self.describe(key)}: cannot access ({exc.strerror})") from None
+
+    def _stat(self, key: str) -> os.stat_result:
+        try:
+            return self._confined(key).stat()
+        except FileNotFoundError:
+            raise StorageError(f"{self.describe(key)}: file not found") from None
+        except OSError as exc:
+            raise StorageError(f"{self.describe(key)}: cannot access ({exc.strerror})") from None
 
     def size(self, key: str) -> int:
-        try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise StorageError(f"{self.describe(key)}: file not found") from None
+        return self._stat(key).st_size
 
     def version(self, key: str) -> str:
-        try:
-            st = self._path(key).stat()
-        except FileNotFoundError:
-            raise StorageError(f"{self.describe(key)}: file not found") from None
+        st = self._stat(key)
         return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
+
+    def location(self) -> tuple[str, ...]:
+        return ("file", *self.root.parts)
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
-        if not base.is_dir():
-            return []
+        try:
+            if not base.is_dir():
+                return []
+        except OSError as exc:
+            raise StorageError(f"{self.describe(prefix)}: cannot access ({exc.strerror})") from None
+
+        def refuse(exc: OSError):
+            where = Path(exc.filename).relative_to(self.root).as_posix() if exc.filename else prefix
+            raise StorageError(f"{self.describe(where if where != '.' else '')}: cannot read the folder ({exc.strerror})")
         keys = []
-        for dirpath, _dirs, files in os.walk(base):
+        for dirpath, _dirs, files in os.walk(base, onerror=refuse):
             for name in files:
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
@@ -129,7 +187,8 @@ class LocalStorage(Storage):
             pass
 
     def cleanup_incomplete(self, prefix: str = "") -> int:
-        stale = [k for k in self.list(prefix) if k.rpartition("/")[2].startswith(TEMP_MARK)]
+        stale = [k for k in self.list(prefix)
+                 if k.rpartition("/")[2].startswith(TEMP_MARK) and not _writer_alive(k.rpartition("/")[2])]
         for key in stale:
             self.delete(key)
         return len(stale)

@@ -337,6 +337,9 @@ class S3Storage(Storage):
             return len(uploads)
         return with_retries(run, self.describe(prefix))
 
+    def location(self) -> tuple[str, ...]:
+        return ("s3", self.bucket, *(p for p in self.prefix.split("/") if p))
+
     def child(self, prefix: str) -> "S3Storage":
         return S3Storage(self.bucket, self._key(prefix), self.part_size // MiB)
 
