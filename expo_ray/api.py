@@ -10,10 +10,10 @@ from .plan import AlphaRules, Options, Plan, build_plan
 
 def make_plan(sft: str, aligned: str, alphas: Sequence[float], *, scales: Sequence[str] = (),
               layer_scales: str | None = None, exclude: Sequence[str] = (), copy_unmatched: bool = False,
-              allow_added_rows: bool = False) -> Plan:
+              allow_added_rows: bool = False, allow_nonfinite: bool = False) -> Plan:
     """Open both checkpoints (headers only), pair tensors by name and validate."""
     rules = AlphaRules.build(list(scales), layer_scales, list(exclude))
-    options = Options(copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows)
+    options = Options(copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows, allow_nonfinite=allow_nonfinite)
     return build_plan(Checkpoint.open(sft), Checkpoint.open(aligned), tuple(float(a) for a in alphas), rules, options)
 
 

@@ -39,6 +39,8 @@ def read_json(storage: Storage, key: str) -> dict:
         value = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidCheckpoint(f"{storage.describe(key)}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidCheckpoint(f"{storage.describe(key)}: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise InvalidCheckpoint(f"{storage.describe(key)}: expected a JSON object")
     return value
@@ -107,6 +109,8 @@ class Checkpoint:
                 if info.name in seen:
                     raise InvalidCheckpoint(f"{storage.describe(shard)}: tensor {info.name!r} also appears in {seen[info.name]}")
                 seen[info.name] = shard
+        if not seen:
+            raise InvalidCheckpoint(f"{storage.describe(shards[0])}: holds no tensors; not a model")
         if weight_map is not None:
             for name, shard in weight_map.items():
                 if seen.get(name) != shard:

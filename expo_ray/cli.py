@@ -12,6 +12,7 @@ from . import __version__
 from .errors import ExpoError
 
 DEFAULT_ALPHAS = "0.1,0.2,0.3,0.4,0.5"
+ALPHA_RULE = "Every alpha >= 0 (0 is the aligned model; negative values are refused, here and in sweeps)."
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -30,6 +31,12 @@ class ExpoGroup(click.Group):
         except ExpoError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except OSError as exc:  # a file-system failure no layer below turned into a message
+            if ctx.params.get("verbose"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc} (expo-ray -v shows where)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=ExpoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -41,6 +48,11 @@ def main(verbose: bool) -> None:
     SRC is a model folder (safetensors shards, index, config, tokenizer): a local path,
     s3://bucket/prefix or hf://org/name[@revision]. DST is a local path or s3://bucket/prefix.
     """
+    for stream in (sys.stdout, sys.stderr):  # paths that are not UTF-8 are printed escaped, not as a crash
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     _setup_logging(verbose)
 
 
@@ -58,6 +70,9 @@ def _plan_options(f):
         click.option("--allow-added-rows", is_flag=True,
                      help="Aligned embeddings/lm_head may have extra vocabulary rows: extrapolate the shared rows, "
                           "copy the new ones (default: error)."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Inputs may hold NaN/Inf; they stay non-finite in the outputs (default: error). An alpha "
+                          "that overflows finite weights into Inf is always an error."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -68,7 +83,7 @@ def _plan_options(f):
 @click.option("--sft", required=True, metavar="SRC", help="The SFT checkpoint the aligned model was trained from.")
 @click.option("--aligned", required=True, metavar="SRC", help="The aligned (DPO/RLHF) checkpoint.")
 @click.option("--alpha", "alphas", default=DEFAULT_ALPHAS, show_default=True, metavar="LIST",
-              help="Comma-separated alphas; all are computed from one read of the inputs.")
+              help="Comma-separated alphas; all are computed from one read of the inputs. " + ALPHA_RULE)
 @click.option("--out", required=True, metavar="DST", help="Destination root; one folder per alpha (alpha_0.3/ ...).")
 @_plan_options
 @click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(1, 65536),
@@ -78,14 +93,14 @@ def _plan_options(f):
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extrapolate(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched, allow_added_rows,
-                chunk_mib, address, dry_run, no_progress):
+                allow_nonfinite, chunk_mib, address, dry_run, no_progress):
     """Write one complete model folder per alpha under DST, each committed with a manifest."""
     from .api import make_plan
     from .extrapolate import run_plan
     from .plan import parse_alphas, plan_summary
 
     plan = make_plan(sft, aligned, parse_alphas(alphas), scales=scales, layer_scales=layer_scales, exclude=exclude,
-                     copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows)
+                     copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows, allow_nonfinite=allow_nonfinite)
     summary = plan_summary(plan)
     click.echo(f"plan: {summary['shards']} shard(s), {summary['bytes_per_variant'] / 1e9:.3f} GB per variant, "
                f"tensors {summary['tensors']}, alphas {summary['alphas']}", err=True)
@@ -290,15 +305,15 @@ def evaluate(variants, address, **o):
 @_eval_options
 @click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(1, 65536))
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
-def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched, allow_added_rows, chunk_mib,
-        address, **o):
+def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched, allow_added_rows, allow_nonfinite,
+        chunk_mib, address, **o):
     """Extrapolate one pair, then evaluate every variant: the whole ExPO alpha search in one command."""
     from .api import make_plan
     from .extrapolate import run_plan
     from .plan import parse_alphas
 
     plan = make_plan(sft, aligned, parse_alphas(alphas), scales=scales, layer_scales=layer_scales, exclude=exclude,
-                     copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows)
+                     copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows, allow_nonfinite=allow_nonfinite)
     run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=True)
     _run_evaluation(out, o, address)
 
@@ -320,14 +335,14 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
 @_eval_options
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
 def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_materialize, scales, layer_scales,
-           exclude, copy_unmatched, allow_added_rows, address, **o):
+           exclude, copy_unmatched, allow_added_rows, allow_nonfinite, address, **o):
     """Adaptive alpha search with one engine that swaps weights in place; materialize only the winner."""
     from .evaluate.search import SearchSettings, materialize, search_alpha
     from .plan import parse_alphas
 
     prompts, sampling, settings = _eval_inputs(o)
     plan_options = dict(scales=scales, layer_scales=layer_scales, exclude=exclude, copy_unmatched=copy_unmatched,
-                        allow_added_rows=allow_added_rows)
+                        allow_added_rows=allow_added_rows, allow_nonfinite=allow_nonfinite)
     try:
         report = search_alpha(sft, aligned, prompts, o["reward_model"], out_uri=out, sampling=sampling,
                               settings=settings, plan_options=plan_options, address=address,

@@ -90,7 +90,7 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
     memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
     aligned_store = open_storage(plan.aligned_uri)
     jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,
-                     _shard_metadata(aligned_store, shard.key), chunk_bytes)
+                     _shard_metadata(aligned_store, shard.key), chunk_bytes, plan.options.allow_nonfinite)
             for shard in plan.shards]
     total = sum(s.nbytes for s in plan.shards)
     log.info("extrapolating %d shard(s), %.2f GB per variant, %d variant(s): %s",

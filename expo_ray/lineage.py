@@ -99,6 +99,10 @@ def lineage(plan: Plan, address: str | None = None) -> tuple[list[GroupChange], 
 
 def lineage_warnings(groups: list[GroupChange], overall: GroupChange) -> list[str]:
     warnings = []
+    broken = [g.group for g in groups if not (math.isfinite(g.delta_sq) and math.isfinite(g.base_sq))]
+    if broken:
+        return [f"the weights hold NaN or Inf values ({', '.join(broken)}): the relative changes are meaningless, "
+                "and extrapolation refuses such inputs unless --allow-nonfinite"]
     if overall.delta_sq == 0:
         warnings.append("the two models are identical: extrapolation would change nothing")
     elif overall.relative > UNRELATED_THRESHOLD:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .checkpoint import INDEX_FILE
 from .errors import ExpoError, InvalidCheckpoint, StorageError
 from .safetensors_io import read_header
-from .storage import Storage
+from .storage import Storage, clean_key
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "expo-ray.variant/1"
@@ -46,9 +46,29 @@ def read_manifest(variant: Storage) -> dict | None:
         manifest = json.loads(variant.read_bytes(MANIFEST_FILE, limit=64 * 1024 * 1024))
     except ValueError as exc:
         raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: JSON nested too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), list):
         raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: not an expo-ray variant manifest")
+    if not manifest["files"]:
+        raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: lists no files; a variant has at least its shards")
+    for i, record in enumerate(manifest["files"]):
+        if not _is_record(record):
+            raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: files[{i}] is not a file record "
+                            "(path, size and sha256)")
     return manifest
+
+
+def _is_record(record) -> bool:
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return False
+    size, digest = record.get("size"), record.get("sha256")
+    try:
+        clean_key(record["path"])
+    except StorageError:
+        return False
+    return (type(size) is int and size >= 0 and isinstance(digest, str) and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest))
 
 
 @dataclass
@@ -96,14 +116,28 @@ def verify_variant(variant: Storage, deep: bool = True) -> VerifyResult:
         except (InvalidCheckpoint, StorageError) as exc:
             result.problems.append(str(exc))
     listed = {r.get("path") for r in manifest["files"]}
+    try:
+        present = [k for k in variant.list() if "/" not in k and not k.startswith(".") and k != MANIFEST_FILE]
+    except StorageError as exc:
+        present = []
+        result.problems.append(str(exc))
+    for key in present:  # a loader would read these: they must be what was committed
+        if key not in listed:
+            result.problems.append(f"{variant.describe(key)}: present but not listed in the manifest")
     if INDEX_FILE in listed and variant.exists(INDEX_FILE):
         try:
             index = json.loads(variant.read_bytes(INDEX_FILE, limit=64 * 1024 * 1024))
-            for shard in set(index.get("weight_map", {}).values()):
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                result.problems.append(f"{variant.describe(INDEX_FILE)}: weight_map is not a mapping of tensor names to shards")
+                weight_map = {}
+            for shard in {s for s in weight_map.values() if isinstance(s, str)}:
                 if shard not in listed:
                     result.problems.append(f"{variant.describe(INDEX_FILE)}: names {shard}, which the manifest does not list")
-        except ValueError as exc:
-            result.problems.append(f"{variant.describe(INDEX_FILE)}: not valid JSON ({exc})")
+        except (ValueError, RecursionError) as exc:
+            result.problems.append(f"{variant.describe(INDEX_FILE)}: not valid JSON ({str(exc) or 'nested too deeply'})")
+        except StorageError as exc:
+            result.problems.append(str(exc))
     return result
 
 

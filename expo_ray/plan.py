@@ -23,6 +23,9 @@ STRUCTURAL_KEYS = (
     "num_key_value_heads", "intermediate_size", "head_dim", "vocab_size", "tie_word_embeddings",
     "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
 )
+INTEGER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "head_dim", "vocab_size")
+NULLABLE_KEYS = ("head_dim", "num_key_value_heads")
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")
 HEAD_NAMES = ("lm_head.weight",)
@@ -85,13 +88,13 @@ class AlphaRules:
             pattern, sep, factor = rule.rpartition("=")
             if not sep or not pattern:
                 raise PlanError(f"scale rule {rule!r}: expected PATTERN=FACTOR, e.g. '*.mlp.*=0.5'")
-            parsed.append((Pattern.parse(pattern), _finite(factor, f"scale rule {rule!r}")))
+            parsed.append((Pattern.parse(pattern), _finite(factor, f"scale rule {rule!r}", negative_ok=False)))
         groups = None
         if layer_scales:
             parts = layer_scales.split(",")
             if len(parts) != 3:
                 raise PlanError(f"layer scales {layer_scales!r}: expected three numbers EARLY,MIDDLE,LATE")
-            groups = tuple(_finite(p, f"layer scales {layer_scales!r}") for p in parts)
+            groups = tuple(_finite(p, f"layer scales {layer_scales!r}", negative_ok=False) for p in parts)
         return AlphaRules(tuple(parsed), groups, tuple(Pattern.parse(p) for p in exclude))
 
     def scale_for(self, name: str, num_layers: int) -> float:
@@ -106,6 +109,10 @@ class AlphaRules:
                 return self.layer_scales[layer_group(int(m.group(1)), num_layers)]
         return 1.0
 
+    def factors(self) -> set[float]:
+        """Every scale a tensor's alpha may be multiplied by."""
+        return {1.0, *(f for _, f in self.scales), *(self.layer_scales or ())}
+
     def describe(self) -> dict:
         return {
             "scales": [[p.text, f] for p, f in self.scales],
@@ -119,19 +126,25 @@ def layer_group(index: int, num_layers: int) -> int:
     return min(2, index * 3 // max(1, num_layers))
 
 
-def _finite(text: str, what: str) -> float:
+def _finite(text: str, what: str, negative_ok: bool = True) -> float:
     try:
         value = float(text)
     except ValueError:
         raise PlanError(f"{what}: {text!r} is not a number") from None
     if not math.isfinite(value):
         raise PlanError(f"{what}: {text!r} is not a finite number")
+    mantissa = text.strip().lower().split("e")[0]
+    if value == 0 and any(c in "123456789" for c in mantissa):
+        raise PlanError(f"{what}: {text!r} rounds to 0 as a float64; write 0 or a larger value")
+    if value < 0 and not negative_ok:
+        raise PlanError(f"{what}: {text!r} is negative; alphas and scale factors are >= 0 "
+                        "(alpha 0 is the aligned model itself)")
     return value
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:
-    """'0.1,0.3,0.5' -> (0.1, 0.3, 0.5); refuses empty, non-finite and repeated values."""
-    values = [_finite(p.strip(), f"alpha list {text!r}") for p in text.split(",") if p.strip()]
+    """'0.1,0.3,0.5' -> (0.1, 0.3, 0.5); refuses empty, negative, non-finite and repeated values."""
+    values = [_finite(p.strip(), f"alpha list {text!r}", negative_ok=False) for p in text.split(",") if p.strip()]
     if not values:
         raise PlanError("the alpha list is empty")
     if len(set(values)) != len(values):
@@ -143,6 +156,7 @@ def parse_alphas(text: str) -> tuple[float, ...]:
 class Options:
     copy_unmatched: bool = False      # tensors only in the aligned model are copied
     allow_added_rows: bool = False    # aligned embed/lm_head may have extra vocabulary rows
+    allow_nonfinite: bool = False     # inputs may hold NaN/Inf (kept non-finite in the outputs)
 
 
 @dataclass(frozen=True)
@@ -218,9 +232,23 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
+def _config_types(ckpt: Checkpoint) -> list[str]:
+    """Sizes in config.json must be integers (null is allowed where Hugging Face configs use it)."""
+    problems = []
+    for key in INTEGER_KEYS:
+        value = (ckpt.config or {}).get(key, 0)
+        if value is None and key in NULLABLE_KEYS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            problems.append(f"{ckpt.storage.describe('config.json')}: {key} must be a non-negative integer, got {value!r}")
+    return problems
+
+
 def _compare_configs(sft: Checkpoint, aligned: Checkpoint, options: Options) -> list[str]:
     a, s = aligned.config or {}, sft.config or {}
-    problems = []
+    problems = _config_types(sft) + _config_types(aligned)
+    if problems:
+        return problems
     for key in STRUCTURAL_KEYS:
         if key == "vocab_size" and options.allow_added_rows and a.get(key, 0) >= s.get(key, 0):
             continue
@@ -235,8 +263,17 @@ def _compare_configs(sft: Checkpoint, aligned: Checkpoint, options: Options) -> 
 def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
                rules: AlphaRules = AlphaRules(), options: Options = Options()) -> Plan:
     """Pair, validate and lay out every tensor; raise PlanError listing all differences."""
+    if sft.storage.location() == aligned.storage.location():
+        raise PlanError(f"{aligned.uri}: --sft and --aligned are the same model folder; every variant would "
+                        "equal the aligned model")
+    for alpha in alphas:
+        for factor in sorted(rules.factors()):
+            if not math.isfinite(alpha * factor):
+                raise PlanError(f"alpha {alpha!r} x scale {factor!r} is not a finite number (beyond float64); "
+                                "use a smaller alpha or scale")
     problems = _compare_configs(sft, aligned, options)
-    num_layers = int((aligned.config or {}).get("num_hidden_layers") or 0)
+    layers = (aligned.config or {}).get("num_hidden_layers")
+    num_layers = layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else 0
     if not num_layers:
         indexes = [int(m.group(1)) for n in aligned.tensors if (m := LAYER_RE.search(n))]
         num_layers = max(indexes) + 1 if indexes else 0

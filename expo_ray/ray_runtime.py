@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 
@@ -42,6 +43,27 @@ def task_options(**options) -> dict:
     return options
 
 
+CONNECT_TIMEOUT_S = 5
+
+
+def check_reachable(address: str) -> None:
+    """Fail within seconds when nothing answers at a cluster address (Ray itself keeps retrying
+    for minutes)."""
+    if address in ("auto", "local"):
+        return
+    scheme, _, rest = address.rpartition("://")
+    host, _, port = rest.split("/")[0].rpartition(":")
+    if not host:
+        host, port = port, ""
+    default = {"ray": 10001, "http": 80, "https": 443}.get(scheme, 6379)
+    try:
+        socket.create_connection((host.strip("[]"), int(port) if port.isdigit() else default),
+                                 timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ExpoError(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc or 'timed out'} "
+                        "(is the address right and the head node up?)") from None
+
+
 def ensure_ray(address: str | None = None):
     """Return the ray module, connected: to `address`, RAY_ADDRESS, or a new local instance."""
     import ray
@@ -49,6 +71,8 @@ def ensure_ray(address: str | None = None):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)
     began = time.perf_counter()
     try:
         if address:
@@ -104,8 +128,16 @@ class ProgressBar:
         results = {}
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            for ref in ready:
-                results[ref] = _get(ray, ref)
+            try:
+                for ref in ready:
+                    results[ref] = _get(ray, ref)
+            except Exception:
+                # The first failure is reported; the other tasks are stopped, and their errors
+                # (often the same one) are not dumped on the console as well.
+                os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
             if self.bar is not None:
                 self.bar.n = min(self.total, ray.get(self.tracker.get.remote()))
                 self.bar.refresh()

@@ -84,6 +84,8 @@ def parse_header(label: str, prefix: bytes, header_bytes: bytes, file_size: int)
         raw = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad(f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad("header JSON is nested too deeply") from None
     if not isinstance(raw, dict):
         raise bad("header is not a JSON object")
     metadata = raw.pop("__metadata__", None) or {}
@@ -107,6 +109,8 @@ def parse_header(label: str, prefix: bytes, header_bytes: bytes, file_size: int)
             raise bad(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
         if offsets[1] > buffer_size:
             raise bad(f"tensor {name!r}: data ends at byte {data_start + offsets[1]} but the file has {file_size} bytes (truncated, or the header lies)")
+        if math.prod(d for d in shape if d) * ITEMSIZE[dtype] >= 2 ** 63:
+            raise bad(f"tensor {name!r}: shape {shape} is too large (no loader can address it)")
         nbytes = offsets[1] - offsets[0]
         expected = math.prod(shape) * ITEMSIZE[dtype]
         if nbytes != expected:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import __version__, kernel
+from .finite import check_chunk
 from .errors import ExpoError
 from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan, format_alpha
 from .manifest import MANIFEST_FILE, sha256_of
@@ -46,6 +47,7 @@ class ShardJob:
     fingerprints: tuple[str, ...]  # identity of each variant (inputs, alpha, rules), for resume
     metadata: dict              # aligned shard metadata to keep in the output header
     chunk_bytes: int
+    allow_nonfinite: bool = False  # inputs may hold NaN/Inf (else refused)
 
 
 def chunk_elements(chunk_bytes: int, itemsize: int, n_alphas: int) -> int:
@@ -269,14 +271,18 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
         if writes[slot] is not None:
             writes[slot].result()  # the buffers of this slot are free again
         if t.action == COPY_IDENTICAL and a_bytes != s_bytes:
-            raise ExpoError(f"tensor {t.name} ({t.dtype}, not a float type) differs between the SFT and aligned models; "
-                            "non-float tensors are copied and must be identical")
+            kind = (f"FP8 ({t.dtype}): FP8 weights are not extrapolated (dequantize both checkpoints first), only copied"
+                    if t.dtype.startswith("F8_") else f"{t.dtype}, not a float type: it is copied")
+            raise ExpoError(f"tensor {t.name} is {kind} and must be identical in both models, but it differs "
+                            "between the SFT and aligned models")
         if not needs_compute:
             chunks = [a_bytes] * n_alpha
         else:
             began = time.perf_counter()
             chunks = compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot)
             compute_s += time.perf_counter() - began
+        check_chunk(t.name, t.dtype, a_bytes, s_bytes, effective, [_alpha_label(a, t.scale) for a in job.alphas],
+                    chunks if needs_compute else None, job.allow_nonfinite)
         writes[slot] = io_pool.writer.submit(outputs.write_all, chunks, io_pool.hasher)
         if progress is not None:
             progress(count * itemsize)
@@ -286,6 +292,10 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
         if w is not None:
             w.result()
     return compute_s
+
+
+def _alpha_label(alpha: float, scale: float) -> str:
+    return f"{alpha!r}" + (f" (x scale {scale!r})" if scale != 1.0 else "")
 
 
 def compute_chunk(t: TensorPlan, bits, a_bytes, s_bytes, effective, count, out_sets, slot):

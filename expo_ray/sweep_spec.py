@@ -124,7 +124,10 @@ def _construct_mapping(loader, node):
     mapping = loader.construct_mapping(node, deep=True)
     lines = {}
     for key_node, _ in node.value:
-        lines[loader.construct_object(key_node)] = key_node.start_mark.line + 1
+        key = loader.construct_object(key_node)
+        if key in lines:  # YAML would silently keep the last value
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        lines[key] = key_node.start_mark.line + 1
     return _Mapping(mapping, node.start_mark.line + 1, lines)
 
 
@@ -215,14 +218,17 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path} line {mark.line + 1}" if mark else path
         raise SpecError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not a usable sweep spec (nested too deeply)") from None
     c = _Checker(path)
     if not c.keys(raw, TOP_KEYS, "spec"):
         raise SpecError("\n".join(c.problems))
     destination = c.string(raw, "destination", "spec")
     default_alphas = c.alphas(raw, "alphas", "spec") if "alphas" in raw else (0.1, 0.2, 0.3, 0.4, 0.5)
     chunk = raw.get("chunk_mib", 256)
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, float)) or chunk <= 0:
-        c.fail(c.at(raw, "chunk_mib"), "spec.chunk_mib", "must be a positive number")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, float)) or not 0 < chunk <= 65536:
+        c.fail(c.at(raw, "chunk_mib"), "spec.chunk_mib", "must be a positive number of MiB, at most 65536")
+        chunk = 256
     pairs = []
     raw_pairs = raw.get("pairs")
     if not isinstance(raw_pairs, list) or not raw_pairs:
@@ -304,4 +310,6 @@ def load_spec(path: str) -> SweepSpec:
             text = f.read()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}); save the spec as UTF-8") from None
     return parse_spec(text, path)
