@@ -299,7 +299,7 @@ def evaluate(variants, address, **o):
 @main.command()
 @click.option("--sft", required=True, metavar="SRC", help="The SFT checkpoint.")
 @click.option("--aligned", required=True, metavar="SRC", help="The aligned checkpoint.")
-@click.option("--alpha", "alphas", default=DEFAULT_ALPHAS, show_default=True, metavar="LIST")
+@click.option("--alpha", "alphas", default=DEFAULT_ALPHAS, show_default=True, metavar="LIST", help=ALPHA_RULE)
 @click.option("--out", required=True, metavar="DST", help="Destination of the variants (and the evaluation).")
 @_plan_options
 @_eval_options
@@ -324,7 +324,7 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
 @click.option("--out", required=True, metavar="DST",
               help="Where the search report (DST/search/) and the chosen variant (DST/alpha_X/) go.")
 @click.option("--alpha", "alphas", default="0,0.1,0.2,0.3,0.5,1", show_default=True, metavar="LIST",
-              help="The coarse grid the search starts from (it may refine between and beyond these).")
+              help="The coarse grid the search starts from (it may refine between and beyond these). " + ALPHA_RULE)
 @click.option("--budget", type=click.IntRange(1), default=None,
               help="Generations the search may spend (default: half of what the full grid would take).")
 @click.option("--initial-prompts", type=click.IntRange(2), default=None,
@@ -337,9 +337,11 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
 def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_materialize, scales, layer_scales,
            exclude, copy_unmatched, allow_added_rows, allow_nonfinite, address, **o):
     """Adaptive alpha search with one engine that swaps weights in place; materialize only the winner."""
+    from .destination import check_destination
     from .evaluate.search import SearchSettings, materialize, search_alpha
     from .plan import parse_alphas
 
+    check_destination(out, {"sft": sft, "aligned": aligned})  # before the search writes its report there
     prompts, sampling, settings = _eval_inputs(o)
     plan_options = dict(scales=scales, layer_scales=layer_scales, exclude=exclude, copy_unmatched=copy_unmatched,
                         allow_added_rows=allow_added_rows, allow_nonfinite=allow_nonfinite)

@@ -137,7 +137,16 @@ class _Mapping(dict):
         self.line, self.lines = line, lines
 
 
+def _construct_float(loader, node):
+    value = loader.construct_yaml_float(node)
+    mantissa = str(node.value).lower().split("e")[0]
+    if value == 0 and any(c in "123456789" for c in mantissa):  # 1.0e-400 would silently become 0
+        raise yaml.constructor.ConstructorError(None, None, f"{node.value} rounds to 0 as a float64", node.start_mark)
+    return value
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 class _Checker:

@@ -207,6 +207,7 @@ def test_deep_or_wrong_sweep_specs_are_one_line(bf16_pair, tmp_path):
         ("alphas: " + nested(100_000) + "\n" + base, "nested too deeply"),
         (base + "chunk_mib: .inf\n", "chunk_mib"),
         ("alphas: [0.1]\nalphas: [0.2]\n" + base, "duplicate key 'alphas'"),
+        ("alphas: [1.0e-400]\n" + base, "rounds to 0"),
     ]
     for i, (text, problem) in enumerate(cases):
         spec = tmp_path / f"s{i}.yaml"

@@ -80,6 +80,14 @@ def test_s3_destination_overlapping_an_input_is_refused(s3_client, bf16_pair):
     assert {o["Key"]: o["ETag"] for o in s3_client.list_objects_v2(Bucket="overlap")["Contents"]} == before
 
 
+def test_search_refuses_a_destination_over_an_input(copies, tmp_path):
+    sft, aligned = copies
+    result = run_cli("search", "--sft", str(sft), "--aligned", str(aligned), "--out", str(aligned / "search-out"),
+                     "--prompts", str(tmp_path / "none.jsonl"), "--reward-model", str(aligned))
+    one_error(result, "lies inside the aligned model folder")
+    assert not (aligned / "search-out").exists()
+
+
 def test_sweep_check_refuses_a_destination_over_an_input(copies, tmp_path):
     sft, aligned = copies
     spec = tmp_path / "s.yaml"
