@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import __version__
+from . import __version__, hashing
 from .checkpoint import INDEX_FILE
 from .errors import ExpoError, StorageError
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
@@ -57,8 +57,9 @@ def _shard_task(job: ShardJob, tracker):
 
 
 def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, address: str | None = None,
-             command: str | None = None, show_progress: bool = True) -> ExtrapolationResult:
-    """Write every variant of `plan` under `out_uri`, skipping work already done."""
+             command: str | None = None, show_progress: bool = True, sha256: bool = False) -> ExtrapolationResult:
+    """Write every variant of `plan` under `out_uri`, skipping work already done. Every file is
+    recorded with its BLAKE3 hash, and also its sha256 (as Hub LFS pointers hold) if `sha256`."""
     began = time.perf_counter()
     out = open_storage(out_uri)
     result = ExtrapolationResult(out.uri)
@@ -88,8 +89,9 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
     chunk_bytes = int(chunk_mib * 1024 * 1024)
     memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
     aligned_store = open_storage(plan.aligned_uri)
+    hashes = hashing.algorithms(sha256)
     jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,
-                     _shard_metadata(aligned_store, shard.key), chunk_bytes)
+                     _shard_metadata(aligned_store, shard.key), chunk_bytes, hashes)
             for shard in plan.shards]
     total = sum(s.nbytes for s in plan.shards)
     log.info("extrapolating %d shard(s), %.2f GB per variant, %d variant(s): %s",
@@ -106,7 +108,7 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
                  result.shards_resumed)
 
     for alpha, name, fingerprint in zip(todo, names, fingerprints):
-        result.variants[name] = _commit_variant(plan, out, name, alpha, records, command, fingerprint)
+        result.variants[name] = _commit_variant(plan, out, name, alpha, records, command, fingerprint, hashes)
         for r in records:
             out.delete(receipt_key(name, r["shard"]))
     write_root_index(out)
@@ -122,7 +124,7 @@ def _shard_metadata(store: Storage, key: str) -> dict:
 
 
 def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], command: str | None,
-                    fingerprint: str) -> str:
+                    fingerprint: str, hashes: tuple[str, ...] = hashing.DEFAULT) -> str:
     """Index, config and tokenizer files, model card, then the manifest LAST (create-if-absent)."""
     variant = out.child(name)
     # Attempts of tasks that were killed and retried may have left temp files / uploads behind.
@@ -133,15 +135,15 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
     index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
     index_bytes = (json.dumps(index, indent=2) + "\n").encode()
     variant.write_bytes(INDEX_FILE, index_bytes)
-    files.append(file_record(variant, INDEX_FILE, index_bytes))
+    files.append(file_record(variant, INDEX_FILE, index_bytes, hashes))
     aligned = open_storage(plan.aligned_uri)
     for key in plan.aux_files:
         data = aligned.read_bytes(key, limit=512 * 1024 * 1024)
         variant.write_bytes(key, data)
-        files.append(file_record(variant, key, data))
+        files.append(file_record(variant, key, data, hashes))
     card = model_card(plan, alpha, command).encode()
     variant.write_bytes("README.md", card)
-    files.append(file_record(variant, "README.md", card))
+    files.append(file_record(variant, "README.md", card, hashes))
     manifest = {
         "format": FORMAT,
         "variant": name,

@@ -52,5 +52,5 @@ Command:
     {command or "(library call)"}
 
 Config, tokenizer and generation settings are the aligned model's. `manifest.json` lists every file
-with its size and sha256; `expo-ray verify` checks them. A folder without `manifest.json` is incomplete.
+with its size and content hash (BLAKE3); `expo-ray verify` checks them. A folder without `manifest.json` is incomplete.
 """

@@ -2,13 +2,12 @@
 
 Runs inside a Ray task (or inline). Reads the aligned shard and the SFT tensors it needs by
 byte range, computes every alpha from one read, writes each output shard as a stream whose
-header is known up front, and returns a small record (sizes, sha256) -- never tensors.
+header is known up front, and returns a small record (sizes, content hashes) -- never tensors.
 Memory is bounded by `chunk_bytes`, whatever the tensor sizes.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -17,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, kernel
+from . import __version__, hashing, kernel
 from .errors import ExpoError
 from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan, format_alpha
-from .manifest import sha256_of
 from .safetensors_io import encode_header
 from .storage import Reader, Storage, Writer, open_storage
 
@@ -46,6 +44,7 @@ class ShardJob:
     fingerprints: tuple[str, ...]  # identity of each variant (inputs, alpha, rules), for resume
     metadata: dict              # aligned shard metadata to keep in the output header
     chunk_bytes: int
+    hashes: tuple[str, ...] = hashing.DEFAULT  # content hashes recorded for each output
 
 
 def chunk_elements(chunk_bytes: int, itemsize: int, n_alphas: int) -> int:
@@ -66,11 +65,11 @@ def output_header(job: ShardJob, alpha: float) -> bytes:
 
 
 class _Outputs:
-    """The per-alpha output streams: write order, sha256 and size of each."""
+    """The per-alpha output streams: write order, content hashes and size of each."""
 
-    def __init__(self, writers: list[Writer]):
+    def __init__(self, writers: list[Writer], hashes: tuple[str, ...]):
         self.writers = writers
-        self.hashes = [hashlib.sha256() for _ in writers]
+        self.hashes = [hashing.MultiHash(hashes) for _ in writers]
         self.sizes = [0] * len(writers)
 
     def write(self, i: int, data) -> None:
@@ -105,7 +104,7 @@ class _IO:
     reader: ThreadPoolExecutor   # prefetches the next chunk of the aligned tensor
     side: ThreadPoolExecutor     # reads the matching SFT chunk at the same time
     writer: ThreadPoolExecutor   # one thread: chunks are written strictly in order
-    hasher: ThreadPoolExecutor   # sha256 of the outputs, alongside the writes
+    hasher: ThreadPoolExecutor   # content hashes of the outputs, alongside the writes
 
     def shutdown(self) -> None:
         for pool in (self.reader, self.side, self.writer, self.hasher):
@@ -127,7 +126,7 @@ def receipt_key(variant: str, shard: str) -> str:
     return f"{RECEIPTS}/{variant}/{shard}.json"
 
 
-def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str) -> dict | None:
+def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str, hashes: tuple[str, ...]) -> dict | None:
     """The record of an output shard an earlier run finished, re-verified; None if not done."""
     key = receipt_key(variant, shard)
     if not out_store.exists(key):
@@ -138,14 +137,16 @@ def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str) ->
         return None
     if receipt.get("fingerprint") != fingerprint or not out_store.exists(f"{variant}/{shard}"):
         return None
-    size, digest = sha256_of(out_store, f"{variant}/{shard}")
-    if size != receipt.get("size") or digest != receipt.get("sha256"):
+    if not set(hashes) <= set(hashing.recorded(receipt)):
+        return None  # written with other hashes than this run records: compute it again
+    size, digests = hashing.digest_file(out_store, f"{variant}/{shard}", hashes)
+    if size != receipt.get("size") or hashing.mismatches(receipt, digests):
         return None
-    return {"size": size, "sha256": digest}
+    return {"size": size, **digests}
 
 
 def run_shard(job: ShardJob, progress=None) -> dict:
-    """Execute one shard; returns {"shard", "files": {variant: {size, sha256}}, "resumed": [...], timings}.
+    """Execute one shard; returns {"shard", "files": {variant: {size, <hash>: hex}}, "resumed": [...], timings}.
 
     Output shards that an interrupted earlier run finished (receipt present, content re-hashed
     and matching) are kept; only the missing alphas are computed.
@@ -154,7 +155,7 @@ def run_shard(job: ShardJob, progress=None) -> dict:
     out_store = open_storage(job.out_uri)
     files, resumed = {}, []
     for variant, fingerprint in zip(job.variants, job.fingerprints):
-        record = _finished(out_store, variant, job.shard.key, fingerprint)
+        record = _finished(out_store, variant, job.shard.key, fingerprint, job.hashes)
         if record is not None:
             files[variant] = record
             resumed.append(variant)
@@ -196,7 +197,7 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         for w in writers:
             w.abort()
         raise
-    outputs = _Outputs(writers)
+    outputs = _Outputs(writers, job.hashes)
     compute_s = 0.0
     io_pool = _IO(ThreadPoolExecutor(1, thread_name_prefix="expo-read"),
                   ThreadPoolExecutor(1, thread_name_prefix="expo-read-sft"),
@@ -217,7 +218,7 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         io_pool.shutdown()
         for r in readers.values():
             r.close()
-    written = {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest()} for i, v in enumerate(job.variants)}
+    written = {v: {"size": outputs.sizes[i], **outputs.hashes[i].digests()} for i, v in enumerate(job.variants)}
     read = job.shard.nbytes + sum(t.sft.info.nbytes for t in job.shard.tensors if t.sft is not None)
     return written, {"bytes_read": read, "compute_seconds": compute_s}
 
