@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import __version__, hashing
+from . import __version__, hashing, pieces
 from .checkpoint import INDEX_FILE
 from .errors import ExpoError, StorageError
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
@@ -22,7 +22,7 @@ from .modelcard import model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options
 from .safetensors_io import read_header
-from .shard_task import RECEIPTS, ShardJob, receipt_key, run_shard
+from .shard_task import RECEIPTS, ShardJob, receipt_key, run_piece, run_shard
 from .storage import Storage, open_storage
 
 log = logging.getLogger("expo_ray")
@@ -53,7 +53,7 @@ def variant_fingerprint(plan: Plan, alpha: float) -> str:
 
 def _shard_task(job: ShardJob, tracker):
     progress = (lambda n: tracker.add.remote(n)) if tracker is not None else None
-    return run_shard(job, progress)
+    return run_piece(job, progress) if job.file_range else run_shard(job, progress)
 
 
 def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, address: str | None = None,
@@ -98,10 +98,17 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
              len(jobs), total / 1e9, len(todo), ", ".join(names))
     with ProgressBar(ray, total, "extrapolate", enabled=show_progress) as bar:
         task = ray.remote(_shard_task)
-        refs = {task.options(**task_options(name=f"extrapolate:{j.shard.key}", memory=memory,
-                                            max_retries=TASK_MAX_RETRIES, retry_exceptions=False)).remote(j, bar.tracker): j
-                for j in jobs}
-        records = bar.wait(refs)
+
+        def submit(batch: list[ShardJob]) -> list[dict]:
+            refs = {task.options(**task_options(name=_task_name(j), memory=memory, max_retries=TASK_MAX_RETRIES,
+                                                retry_exceptions=False)).remote(j, bar.tracker): j
+                    for j in batch}
+            return bar.wait(refs)
+
+        if pieces.usable(out, hashes):  # byte ranges of the outputs, as many as the CPUs can use
+            records = pieces.run(jobs, out, int(ray.cluster_resources().get("CPU", 1)), submit)
+        else:  # one task per shard, each output streamed in order
+            records = submit(jobs)
     result.shards_resumed = sum(len(r["resumed"]) for r in records)
     if result.shards_resumed:
         log.info("resumed: %d output shard(s) were already written by an earlier run and verified",
@@ -116,6 +123,11 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
     result.bytes_read = sum(r["bytes_read"] for r in records)
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _task_name(job: ShardJob) -> str:
+    where = f"[{job.file_range[0]}:{job.file_range[1]}]" if job.file_range else ""
+    return f"extrapolate:{job.shard.key}{where}"
 
 
 def _shard_metadata(store: Storage, key: str) -> dict:

@@ -160,7 +160,8 @@ def test_command_line_end_to_end(bf16_pair, tmp_path):
     shard = next((out / "alpha_0.5").glob("*.safetensors"))
     record = _manifest_record(out / "alpha_0.5", shard.name)
     assert record["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
-    assert record["blake3"] == blake3(shard.read_bytes()).hexdigest()
+    # one 16 MiB block: BLAKE3 of the block's BLAKE3 digest
+    assert record["blake3_16mib_tree"] == blake3(blake3(shard.read_bytes()).digest()).hexdigest()
     # Damage one output byte: verify names the file and fails.
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
@@ -183,10 +184,10 @@ def test_manifests_written_before_blake3_still_verify(ray_local, bf16_pair, tmp_
     assert run.exit_code == 0, run.output
     variant = out / "alpha_0.5"
     manifest = json.loads((variant / "manifest.json").read_text())
-    assert all("blake3" in r and "sha256" not in r for r in manifest["files"])  # the default: BLAKE3 alone
+    assert all("blake3_16mib_tree" in r and "sha256" not in r for r in manifest["files"])  # the default
     for r in manifest["files"]:
         r["sha256"] = hashlib.sha256((variant / r["path"]).read_bytes()).hexdigest()
-        del r["blake3"]
+        del r["blake3_16mib_tree"]
     (variant / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     assert verify_variant(LocalStorage(variant)).ok
     shard = next(variant.glob("*.safetensors"))
