@@ -9,12 +9,13 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import make_bucket
 from expo_ray import hashing, kernel, pieces
 from expo_ray.api import make_plan
 from expo_ray.extrapolate import run_plan
 from expo_ray.manifest import verify_variant
 from expo_ray.safetensors_io import encode_header
-from expo_ray.storage import LocalStorage
+from expo_ray.storage import LocalStorage, open_storage
 
 MIB = 1 << 20
 
@@ -84,3 +85,20 @@ def test_pieces_write_the_same_bytes_as_one_stream(ray_local, misaligned_pair, t
         assert verify_variant(LocalStorage(out_pieces / f"alpha_{alpha}")).ok
     leftovers = [p.name for p in out_pieces.rglob("*") if p.name.startswith(".expo-partial-")]
     assert not leftovers
+
+
+def test_pieces_upload_parts_of_one_s3_object(ray_local, s3_client, misaligned_pair, tmp_path, monkeypatch):
+    """On S3 the pieces send independent parts of one multipart upload; the object equals the
+    local file and nothing is left half uploaded."""
+    sft, aligned, _, _ = misaligned_pair
+    plan = make_plan(str(sft), str(aligned), [0.3])
+    make_bucket(s3_client, "pieces")
+    monkeypatch.setattr(pieces, "MIN_PIECE", hashing.BLOCK)
+    run_plan(plan, "s3://pieces/run", chunk_mib=4, show_progress=False)
+    run_plan(plan, str(tmp_path), chunk_mib=4, show_progress=False)
+    head = s3_client.head_object(Bucket="pieces", Key="run/alpha_0.3/model.safetensors", PartNumber=1)
+    assert head["PartsCount"] == 2
+    remote = s3_client.get_object(Bucket="pieces", Key="run/alpha_0.3/model.safetensors")["Body"].read()
+    assert remote == (tmp_path / "alpha_0.3" / "model.safetensors").read_bytes()
+    assert verify_variant(open_storage("s3://pieces/run/alpha_0.3")).ok
+    assert not s3_client.list_multipart_uploads(Bucket="pieces").get("Uploads")
