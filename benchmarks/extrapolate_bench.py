@@ -15,8 +15,12 @@ to a scratch folder, then produces the variants for all alphas with each method:
   ``benchmarks/.venv-mergekit``), the equivalent ``linear`` merge (aligned weight 1 + alpha, sft
   weight -alpha, normalize false, dtype bfloat16), CPU, one run per alpha.
 * ``copy``: the I/O floor: plain Python file I/O reads both models once and writes
-  len(alphas) copies of the aligned model (same bytes in and out as an extrapolation).
+  len(alphas) copies of the aligned model (same bytes in and out as an extrapolation), with an
+  fsync per file (the durability expo-ray gives every output file).
 
+Methods run in interleaved rounds (``--rounds``, default 3: every method once per round, the
+page cache dropped before each) and the table gives the median and the minimum over rounds: this
+disk's write speed changes by 2x between minutes, so a single run of each says little.
 Every method runs in child processes. Wall time includes a final ``sync()`` (the data is on the
 disk). Peak RSS is the largest single process's peak resident set (kernel ``VmHWM`` polled every
 0.1 s over the method's whole process tree, which for expo-ray includes the Ray head processes
@@ -28,6 +32,7 @@ rounded result (float64 arithmetic, rounded once to bf16).
 
 Usage:
     .venv/bin/python benchmarks/extrapolate_bench.py --sizes 1,2
+    .venv/bin/python benchmarks/extrapolate_bench.py --sizes 2 --methods expo-ray,copy --rounds 5
     .venv/bin/python benchmarks/extrapolate_bench.py --sizes 0.2 --methods paper,mergekit,copy
 """
 
@@ -41,6 +46,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -307,6 +313,8 @@ def worker_copy(a: argparse.Namespace) -> int:
                 while n := f.readinto(buf):
                     for o in outs:
                         o.write(view[:n])
+            for o in outs:
+                os.fsync(o.fileno())
         finally:
             for o in outs:
                 o.close()
@@ -510,8 +518,9 @@ class Row:
     peak_label: str = ""
     mismatch: str = ""
     note: str = ""
-    ratio_base: bool = False  # this row's wall is expo-ray's, the denominator of the ratio
+    ratio_base: bool = False  # this row's wall is the copy floor's, the denominator of the ratio
     extra: dict = field(default_factory=dict)
+    walls: list = field(default_factory=list)  # one per round
 
 
 def _floats(text: str) -> list[float]:
@@ -568,7 +577,7 @@ def run_method(method: str, sft: Path, aligned: Path, alphas: list[float], out: 
         rows.append(Row("expo-ray: Ray start-up (ray.init)", size_label, wall=t["ray_start_s"],
                         note="once per cluster/session, not per model"))
         rows.append(Row("expo-ray", size_label, wall=t["extrapolate_s"], peak_rss=r.peak_rss,
-                        peak_anon=r.peak_anon, peak_label=r.peak_label, ratio_base=True,
+                        peak_anon=r.peak_anon, peak_label=r.peak_label,
                         note=f"one call, all alphas; process total {r.wall:.1f} s"))
     elif method == "paper":
         results = []
@@ -610,8 +619,8 @@ def run_method(method: str, sft: Path, aligned: Path, alphas: list[float], out: 
             return [Row(method, size_label, note=f"FAILED rc={r.rc}, see {log}")]
         rows.append(Row("plain copy (I/O floor)", size_label, wall=r.wall + sync_disk(),
                         peak_rss=r.peak_rss, peak_anon=r.peak_anon, peak_label=r.peak_label,
-                        mismatch="-",
-                        note=f"reads both, writes {len(alphas)} copies"))
+                        mismatch="-", ratio_base=True,
+                        note=f"reads both, writes {len(alphas)} copies, fsync per file"))
     else:
         raise ValueError(method)
 
@@ -664,22 +673,44 @@ def _fmt_gib(b: int | None) -> str:
     return "-" if b is None else f"{b / GIB:.2f}"
 
 
+def merge_rounds(rows: list[Row]) -> list[Row]:
+    """One row per (method, size): the walls of every round, the largest peaks, the worst check."""
+    merged: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        m = merged.setdefault((r.method, r.size), Row(r.method, r.size, ratio_base=r.ratio_base, note=r.note,
+                                                      peak_rss=0, peak_anon=0))
+        if r.wall is None:
+            m.note = r.note  # a failed round is reported, not hidden
+            continue
+        m.walls.append(r.wall)
+        if (r.peak_rss or 0) >= (m.peak_rss or 0):
+            m.peak_rss, m.peak_label = r.peak_rss, r.peak_label
+        m.peak_anon = max(m.peak_anon or 0, r.peak_anon or 0)
+        if r.mismatch and r.mismatch not in m.mismatch.split("; "):
+            m.mismatch = "; ".join(x for x in (m.mismatch, r.mismatch) if x)
+    for m in merged.values():
+        m.wall = statistics.median(m.walls) if m.walls else None
+    return list(merged.values())
+
+
 def print_table(rows: list[Row], header_lines: list[str]) -> None:
     print()
     for line in header_lines:
         print(line)
     print()
-    print("| method | model size | wall s | wall / expo-ray | peak RSS, largest process GiB "
-          "| largest process | peak anon RSS GiB | mismatch vs exact | notes |")
-    print("|---|---|---:|---:|---:|---|---:|---:|---|")
+    print("| method | model size | rounds | median s | min s | median / floor | per round s "
+          "| peak RSS, largest process GiB | largest process | peak anon RSS GiB | mismatch vs exact | notes |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---|")
     base = {r.size: r.wall for r in rows if r.ratio_base and r.wall}
     for r in rows:
         if r.wall is None:
-            print(f"| {r.method} | {r.size} | - | - | - | - | - | - | {r.note} |")
+            print(f"| {r.method} | {r.size} | 0 | - | - | - | - | - | - | - | - | {r.note} |")
             continue
         ratio = f"{r.wall / base[r.size]:.2f}" if r.size in base else "n/a"
-        print(f"| {r.method} | {r.size} | {r.wall:.1f} | {ratio} | {_fmt_gib(r.peak_rss)} | "
-              f"{r.peak_label or '-'} | {_fmt_gib(r.peak_anon)} | {r.mismatch or '-'} | {r.note} |")
+        walls = ", ".join(f"{w:.1f}" for w in r.walls)
+        print(f"| {r.method} | {r.size} | {len(r.walls)} | {r.wall:.1f} | {min(r.walls):.1f} | {ratio} | {walls} | "
+              f"{_fmt_gib(r.peak_rss)} | {r.peak_label or '-'} | {_fmt_gib(r.peak_anon)} | {r.mismatch or '-'} | "
+              f"{r.note} |")
     print()
 
 
@@ -697,8 +728,10 @@ def _header(args, parent: Path, cache_notes: list[str]) -> list[str]:
         f"- disk: scratch under {parent}",
         f"- load average (1 min) at the end: {os.getloadavg()[0]:.2f} "
         "(other work on the machine skews the timings)",
+        f"- rounds: {args.rounds}, interleaved (each round runs every method once, in turn); median "
+        "and min over rounds; median / floor = the method's median over the fsync'd copy's median",
         "- wall s: until the method's last process exits, plus a final sync(); expo-ray's row "
-        "times only the extrapolate() call (its Ray start-up has its own row)",
+        "times only the extrapolate() call and its sync (its Ray start-up has its own row)",
         "- peak RSS: largest single process of the method's process tree (Ray workers "
         "included), kernel VmHWM polled every 0.1 s; includes mmap'ed file pages. anon: "
         "anonymous memory only (sampled)",
@@ -732,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expo-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword argument for expo_ray.api.extrapolate (VALUE parsed as JSON "
                         "when it can be); repeatable")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds: every method once per round (default 3)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -739,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
-    methods = [m for m in METHODS if m in methods]  # expo-ray first: it is the ratio's base
+    methods = [m for m in METHODS if m in methods]  # the same order in every round
     args.expo_options = {}
     for kv in args.expo_option:
         key, sep, value = kv.partition("=")
@@ -778,11 +813,12 @@ def main(argv: list[str] | None = None) -> int:
             gen_s = time.perf_counter() - t0 + sync_disk()
             print(f"[{label}] synthetic pair ready in {gen_s:.1f} s "
                   f"({spec.layers} layers, hidden {spec.hidden})", file=sys.stderr, flush=True)
-            for method in methods:
+            for method in [m for _ in range(args.rounds) for m in methods]:
                 if not args.no_drop_caches:
                     ok, how = drop_caches()
                     cache_notes.append(how)
                 out = scratch / f"out-{method}-{size:g}GB"
+                shutil.rmtree(out, ignore_errors=True)
                 print(f"[{label}] {method} ...", file=sys.stderr, flush=True)
                 new = run_method(method, sft, aligned, args.alphas, out, logs, label, args)
                 for r in new:
@@ -799,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         try:
             if rows:
-                print_table(rows, _header(args, parent, cache_notes))
+                print_table(merge_rounds(rows), _header(args, parent, cache_notes))
         finally:
             if args.keep:
                 print(f"kept scratch data in {scratch}", file=sys.stderr)

@@ -18,8 +18,9 @@ def make_plan(sft: str, aligned: str, alphas: Sequence[float], *, scales: Sequen
 
 
 def extrapolate(sft: str, aligned: str, alphas: Sequence[float], out: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB,
-                address: str | None = None, show_progress: bool = True,
+                address: str | None = None, show_progress: bool = True, sha256: bool = False,
                 **plan_options) -> ExtrapolationResult:
-    """Write one committed variant folder per alpha under `out`."""
+    """Write one committed variant folder per alpha under `out` (files recorded with BLAKE3, and
+    sha256 too if `sha256`)."""
     plan = make_plan(sft, aligned, alphas, **plan_options)
-    return run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=show_progress)
+    return run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=show_progress, sha256=sha256)

@@ -90,10 +90,12 @@ def _plan_options(f):
               help="Working-memory budget per task in MiB (bounds memory whatever the tensor sizes).")
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance).")
+@click.option("--sha256", is_flag=True,
+              help="Also record every file's sha256 (what Hub LFS pointers hold); BLAKE3 is always recorded.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extrapolate(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched, allow_added_rows,
-                allow_nonfinite, chunk_mib, address, dry_run, no_progress):
+                allow_nonfinite, chunk_mib, address, sha256, dry_run, no_progress):
     """Write one complete model folder per alpha under DST, each committed with a manifest."""
     from .api import make_plan
     from .extrapolate import run_plan
@@ -107,7 +109,7 @@ def extrapolate(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_u
     if dry_run:
         click.echo(json.dumps(summary, indent=2))
         return
-    result = run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=not no_progress)
+    result = run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=not no_progress, sha256=sha256)
     for name, state in result.variants.items():
         click.echo(f"{result.out_uri.rstrip('/')}/{name}: {state}")
     if result.seconds:
@@ -184,7 +186,7 @@ def lineage(sft, aligned, address, as_json):
 
 @main.command()
 @click.argument("dst")
-@click.option("--quick", is_flag=True, help="Check presence, sizes and headers only (no sha256).")
+@click.option("--quick", is_flag=True, help="Check presence, sizes and headers only (no content hashes).")
 def verify(dst, quick):
     """Check a variant (or every variant under DST) against its manifest. Exit 1 on any problem."""
     from .manifest import MANIFEST_FILE, find_variants, verify_variant

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import __version__
+from . import __version__, hashing, pieces
 from .checkpoint import INDEX_FILE
 from .destination import check_destination
 from .errors import ExpoError, StorageError
@@ -22,7 +22,7 @@ from .modelcard import canonical_command, model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options
 from .safetensors_io import read_header
-from .shard_task import RECEIPTS, ShardJob, receipt_key, run_shard
+from .shard_task import RECEIPTS, ShardJob, receipt_key, run_piece, run_shard
 from .storage import Storage, open_storage
 
 log = logging.getLogger("expo_ray")
@@ -54,12 +54,13 @@ def variant_fingerprint(plan: Plan, alpha: float) -> str:
 
 def _shard_task(job: ShardJob, tracker):
     progress = (lambda n: tracker.add.remote(n)) if tracker is not None else None
-    return run_shard(job, progress)
+    return run_piece(job, progress) if job.file_range else run_shard(job, progress)
 
 
 def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, address: str | None = None,
-             show_progress: bool = True) -> ExtrapolationResult:
-    """Write every variant of `plan` under `out_uri`, skipping work already done."""
+             show_progress: bool = True, sha256: bool = False) -> ExtrapolationResult:
+    """Write every variant of `plan` under `out_uri`, skipping work already done. Every file is
+    recorded with its BLAKE3 hash, and also its sha256 (as Hub LFS pointers hold) if `sha256`."""
     began = time.perf_counter()
     out = check_destination(out_uri, {"sft": plan.sft_uri, "aligned": plan.aligned_uri})
     result = ExtrapolationResult(out.uri)
@@ -89,19 +90,27 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
     chunk_bytes = int(chunk_mib * 1024 * 1024)
     memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
     aligned_store = open_storage(plan.aligned_uri)
+    hashes = hashing.algorithms(sha256)
     jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,
-                     _shard_metadata(aligned_store, shard.key), chunk_bytes, plan.options.allow_nonfinite)
+                     _shard_metadata(aligned_store, shard.key), chunk_bytes, plan.options.allow_nonfinite, hashes)
             for shard in plan.shards]
     total = sum(s.nbytes for s in plan.shards)
     log.info("extrapolating %d shard(s), %.2f GB per variant, %d variant(s): %s",
              len(jobs), total / 1e9, len(todo), ", ".join(names))
     with ProgressBar(ray, total, "extrapolate", enabled=show_progress) as bar:
         task = ray.remote(_shard_task)
-        refs = {task.options(**task_options(name=f"extrapolate:{j.shard.key}", memory=memory,
-                                            max_retries=TASK_MAX_RETRIES, retry_exceptions=False)).remote(j, bar.tracker): j
-                for j in jobs}
+
+        def submit(batch: list[ShardJob]) -> list[dict]:
+            refs = {task.options(**task_options(name=_task_name(j), memory=memory, max_retries=TASK_MAX_RETRIES,
+                                                retry_exceptions=False)).remote(j, bar.tracker): j
+                    for j in batch}
+            return bar.wait(refs)
+
         try:
-            records = bar.wait(refs)
+            if pieces.usable(out, hashes):  # byte ranges of the outputs, as many as the CPUs can use
+                records = pieces.run(jobs, out, int(ray.cluster_resources().get("CPU", 1)), submit)
+            else:  # one task per shard, each output streamed in order
+                records = submit(jobs)
         except ExpoError:
             # Another run of the same job may have committed these variants meanwhile (and removed
             # what this run was writing): that is success, not failure.
@@ -116,7 +125,7 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
                  result.shards_resumed)
 
     for alpha, name, fingerprint in zip(todo, names, fingerprints):
-        result.variants[name] = _commit_variant(plan, out, name, alpha, records, fingerprint)
+        result.variants[name] = _commit_variant(plan, out, name, alpha, records, fingerprint, hashes)
         for r in records:
             out.delete(receipt_key(name, r["shard"]))
     write_root_index(out)
@@ -124,6 +133,11 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
     result.bytes_read = sum(r["bytes_read"] for r in records)
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _task_name(job: ShardJob) -> str:
+    where = f"[{job.file_range[0]}:{job.file_range[1]}]" if job.file_range else ""
+    return f"extrapolate:{job.shard.key}{where}"
 
 
 def _shard_metadata(store: Storage, key: str) -> dict:
@@ -139,7 +153,8 @@ def _same_job_committed(variant: Storage, fingerprint: str) -> bool:
     return existing is not None and existing.get("fingerprint") == fingerprint
 
 
-def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], fingerprint: str) -> str:
+def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], fingerprint: str,
+                    hashes: tuple[str, ...] = hashing.DEFAULT) -> str:
     """Index, config and tokenizer files, model card, then the manifest LAST (create-if-absent).
 
     Every byte is fixed before anything is written, and depends only on the inputs and settings
@@ -159,7 +174,7 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
     payload["README.md"] = model_card(sft=plan.sft_uri, aligned=plan.aligned_uri, alpha=alpha, rules=summary["rules"],
                                       options=summary["options"], tensors=dict(plan.counts),
                                       fingerprint=plan.source_fingerprint).encode()
-    files += [file_record(variant, key, data) for key, data in payload.items()]
+    files += [file_record(variant, key, data, hashes) for key, data in payload.items()]
     existing = read_manifest(variant)
     if existing is not None:  # a committed variant is immutable
         return _committed_by_other(variant, existing, fingerprint, files)

@@ -1,13 +1,13 @@
-"""What a finished variant is: its files with sizes and sha256, sources, alpha; written LAST.
+"""What a finished variant is: its files with sizes and content hashes, sources, alpha; written LAST.
 
 A variant folder without manifest.json is incomplete, whatever else it holds.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
+from . import hashing
 from .checkpoint import INDEX_FILE
 from .errors import ExpoError, InvalidCheckpoint, StorageError
 from .safetensors_io import read_header
@@ -15,22 +15,26 @@ from .storage import Storage, clean_key
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "expo-ray.variant/1"
-HASH_BLOCK = 16 * 1024 * 1024
 
 
-def sha256_of(storage: Storage, key: str) -> tuple[int, str]:
-    h = hashlib.sha256()
-    with storage.open_reader(key) as r:
-        for offset in range(0, r.size, HASH_BLOCK):
-            h.update(r.read(offset, min(HASH_BLOCK, r.size - offset)))
-        return r.size, h.hexdigest()
-
-
-def file_record(storage: Storage, key: str, data: bytes | None = None) -> dict:
+def file_record(storage: Storage, key: str, data: bytes | None = None,
+                algorithms: tuple[str, ...] = hashing.DEFAULT) -> dict:
     if data is not None:
-        return {"path": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    size, digest = sha256_of(storage, key)
-    return {"path": key, "size": size, "sha256": digest}
+        return {"path": key, "size": len(data), **hashing.digest_bytes(data, algorithms)}
+    size, digests = hashing.digest_file(storage, key, algorithms)
+    return {"path": key, "size": size, **digests}
+
+
+def _content_problem(variant: Storage, key: str, record: dict) -> str | None:
+    """Why a file's content does not match its record (every digest it holds), or None."""
+    names = hashing.recorded(record)
+    if not names:
+        return f"{variant.describe(MANIFEST_FILE)}: the entry for {key} records no content hash ({', '.join(hashing.ALGORITHMS)})"
+    _, digests = hashing.digest_file(variant, key, names)
+    for name in hashing.mismatches(record, digests):
+        return (f"{variant.describe(key)}: {name} {digests[name][:16]}... differs from the manifest's "
+                f"{record[name][:16]}...")
+    return None
 
 
 def write_manifest(variant: Storage, manifest: dict) -> None:
@@ -84,7 +88,7 @@ class VerifyResult:
 
 
 def verify_variant(variant: Storage, deep: bool = True) -> VerifyResult:
-    """Check every file of a variant against its manifest (size, sha256, safetensors headers)."""
+    """Check every file of a variant against its manifest (size, recorded hashes, safetensors headers)."""
     result = VerifyResult(variant.describe(), [])
     try:
         manifest = read_manifest(variant)
@@ -107,9 +111,9 @@ def verify_variant(variant: Storage, deep: bool = True) -> VerifyResult:
             if key.endswith(".safetensors"):
                 read_header(variant, key)
             if deep:
-                _, digest = sha256_of(variant, key)
-                if digest != record.get("sha256"):
-                    result.problems.append(f"{variant.describe(key)}: sha256 {digest[:16]}... differs from the manifest's {str(record.get('sha256'))[:16]}...")
+                problem = _content_problem(variant, key, record)
+                if problem:
+                    result.problems.append(problem)
                     continue
             result.files += 1
             result.bytes += size

@@ -73,5 +73,5 @@ Command:
     {canonical_command(sft, aligned, alpha, rules, options)}
 
 Config, tokenizer and generation settings are the aligned model's. `manifest.json` lists every file
-with its size and sha256; `expo-ray verify` checks them. A folder without `manifest.json` is incomplete.
+with its size and content hash (BLAKE3); `expo-ray verify` checks them. A folder without `manifest.json` is incomplete.
 """

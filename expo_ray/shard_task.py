@@ -1,27 +1,30 @@
-"""One aligned shard -> one output shard per alpha, streamed in bounded chunks.
+"""One aligned shard (or one byte range of it) -> the same bytes of every alpha's output shard.
 
 Runs inside a Ray task (or inline). Reads the aligned shard and the SFT tensors it needs by
 byte range, computes every alpha from one read, writes each output shard as a stream whose
-header is known up front, and returns a small record (sizes, sha256) -- never tensors.
-Memory is bounded by `chunk_bytes`, whatever the tensor sizes.
+header is known up front, and returns a small record (sizes, content hashes) -- never tensors.
+Memory is bounded by `chunk_bytes`, whatever the tensor sizes. A piece (`ShardJob.file_range`)
+writes one byte range of every output file into a ranged upload that the driver opened and
+commits once every piece of the file is done; the output headers have one length for every
+alpha, so a byte range means the same tensor elements in every variant.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, kernel
-from .finite import check_chunk
+from . import __version__, hashing, kernel
 from .errors import ExpoError
+from .finite import check_chunk
+from .manifest import MANIFEST_FILE
 from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan, format_alpha
-from .manifest import MANIFEST_FILE, sha256_of
 from .safetensors_io import encode_header
 from .storage import Reader, Storage, Writer, open_storage
 
@@ -29,6 +32,7 @@ from .storage import Reader, Storage, Writer, open_storage
 INPUT_BUFFERS = 2
 OUTPUT_BUFFERS = 2
 MIN_CHUNK_ELEMENTS = 4096
+ALPHA_FIELD_WIDTH = 32  # characters reserved for the alpha in the output header (repr of a float: <= 24)
 # Fault-injection knob for tests of killed workers, drivers and storage outages: sleep this many
 # seconds after each chunk so that a run is slow enough to be interrupted mid-shard.
 CHUNK_DELAY_S = float(os.environ.get("EXPO_RAY_CHUNK_DELAY_S", "0") or 0)
@@ -48,6 +52,9 @@ class ShardJob:
     metadata: dict              # aligned shard metadata to keep in the output header
     chunk_bytes: int
     allow_nonfinite: bool = False  # inputs may hold NaN/Inf (else refused)
+    hashes: tuple[str, ...] = hashing.DEFAULT  # content hashes recorded for each output
+    file_range: tuple[int, int] | None = None   # a piece: these bytes of every output file ...
+    uploads: tuple[str, ...] = ()               # ... written into these ranged uploads (one per variant)
 
 
 def chunk_elements(chunk_bytes: int, itemsize: int, n_alphas: int) -> int:
@@ -64,15 +71,24 @@ def output_header(job: ShardJob, alpha: float) -> bytes:
         "expo_ray.alpha": format_alpha(alpha),
     })  # no source URIs here: the same inputs give the same bytes wherever they are stored
     header, _ = encode_header([(t.name, t.dtype, t.shape) for t in job.shard.tensors], metadata)
-    return header
+    # Pad so that the length does not depend on the alpha: the data of every variant then starts
+    # at the same offset, and a byte range of the file is the same elements in every variant.
+    body = header[8:].rstrip(b" ") + b" " * (ALPHA_FIELD_WIDTH - len(format_alpha(alpha)))
+    body += b" " * (-(len(body) + 8) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def output_size(job: ShardJob) -> int:
+    """Bytes of each output file of the shard (the same for every alpha)."""
+    return len(output_header(job, 0.0)) + job.shard.nbytes
 
 
 class _Outputs:
-    """The per-alpha output streams: write order, sha256 and size of each."""
+    """The per-alpha output streams: write order, content hashes and size of each."""
 
-    def __init__(self, writers: list[Writer]):
+    def __init__(self, writers: list[Writer], hashes: tuple[str, ...], offset: int = 0):
         self.writers = writers
-        self.hashes = [hashlib.sha256() for _ in writers]
+        self.hashes = [hashing.RangeHash(hashes, offset) for _ in writers]
         self.sizes = [0] * len(writers)
 
     def write(self, i: int, data) -> None:
@@ -111,18 +127,17 @@ class _IO:
     reader: ThreadPoolExecutor   # prefetches the next chunk of the aligned tensor
     side: ThreadPoolExecutor     # reads the matching SFT chunk at the same time
     writer: ThreadPoolExecutor   # one thread: chunks are written strictly in order
-    hasher: ThreadPoolExecutor   # sha256 of the outputs, alongside the writes
+    hasher: ThreadPoolExecutor   # content hashes of the outputs, alongside the writes
 
     def shutdown(self) -> None:
         for pool in (self.reader, self.side, self.writer, self.hasher):
             pool.shutdown(wait=True)
 
 
-def _ranges(t: TensorPlan, step: int):
-    """(start, count) element ranges covering tensor t."""
-    total = t.aligned.info.numel
-    for start in range(0, total, step):
-        yield start, min(step, total - start)
+def _ranges(first: int, stop: int, step: int):
+    """(start, count) element ranges covering elements [first, stop)."""
+    for start in range(first, stop, step):
+        yield start, min(step, stop - start)
 
 
 RECEIPTS = ".expo-ray/receipts"
@@ -133,7 +148,7 @@ def receipt_key(variant: str, shard: str) -> str:
     return f"{RECEIPTS}/{variant}/{shard}.json"
 
 
-def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str) -> dict | None:
+def finished_output(out_store: Storage, variant: str, shard: str, fingerprint: str, hashes: tuple[str, ...]) -> dict | None:
     """The record of an output shard an earlier run finished, re-verified; None if not done."""
     key = receipt_key(variant, shard)
     if not out_store.exists(key):
@@ -144,10 +159,12 @@ def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str) ->
         return None
     if receipt.get("fingerprint") != fingerprint or not out_store.exists(f"{variant}/{shard}"):
         return None
-    size, digest = sha256_of(out_store, f"{variant}/{shard}")
-    if size != receipt.get("size") or digest != receipt.get("sha256"):
+    if not set(hashes) <= set(hashing.recorded(receipt)):
+        return None  # written with other hashes than this run records: compute it again
+    size, digests = hashing.digest_file(out_store, f"{variant}/{shard}", hashes)
+    if size != receipt.get("size") or hashing.mismatches(receipt, digests):
         return None
-    return {"size": size, "sha256": digest}
+    return {"size": size, **digests}
 
 
 def _committed(out_store: Storage, variant: str) -> bool:
@@ -155,7 +172,7 @@ def _committed(out_store: Storage, variant: str) -> bool:
 
 
 def run_shard(job: ShardJob, progress=None) -> dict:
-    """Execute one shard; returns {"shard", "files": {variant: {size, sha256}}, "resumed": [...], timings}.
+    """Execute one shard; returns {"shard", "files": {variant: {size, <hash>: hex}}, "resumed": [...], timings}.
 
     Output shards that an interrupted earlier run finished (receipt present, content re-hashed
     and matching) are kept; only the missing alphas are computed.
@@ -164,7 +181,7 @@ def run_shard(job: ShardJob, progress=None) -> dict:
     out_store = open_storage(job.out_uri)
     files, resumed = {}, []
     for variant, fingerprint in zip(job.variants, job.fingerprints):
-        record = _finished(out_store, variant, job.shard.key, fingerprint)
+        record = finished_output(out_store, variant, job.shard.key, fingerprint, job.hashes)
         if record is not None:
             files[variant] = record
             resumed.append(variant)
@@ -187,17 +204,49 @@ def run_shard(job: ShardJob, progress=None) -> dict:
             "seconds": time.perf_counter() - t_start, **stats}
 
 
+class _Readers:
+    """Readers of the input shards a job needs, opened on first use."""
+
+    def __init__(self, job: ShardJob):
+        self.stores = {"aligned": open_storage(job.aligned_uri), "sft": open_storage(job.sft_uri)}
+        self.open: dict[tuple[str, str], Reader] = {}
+
+    def __call__(self, which: str, shard: str) -> Reader:
+        if (which, shard) not in self.open:
+            self.open[(which, shard)] = self.stores[which].open_reader(shard)
+        return self.open[(which, shard)]
+
+    def close(self) -> None:
+        for r in self.open.values():
+            r.close()
+
+
+def _io_pool() -> "_IO":
+    return _IO(ThreadPoolExecutor(1, thread_name_prefix="expo-read"),
+               ThreadPoolExecutor(1, thread_name_prefix="expo-read-sft"),
+               ThreadPoolExecutor(1, thread_name_prefix="expo-write"),
+               ThreadPoolExecutor(1, thread_name_prefix="expo-hash"))
+
+
+def _write_range(job: ShardJob, headers: list[bytes], lo: int, hi: int, outputs: "_Outputs", readers, io_pool,
+                 progress) -> tuple[float, int]:
+    """Write bytes [lo, hi) of every output file, in order; returns (compute seconds, bytes read)."""
+    compute_s, read = 0.0, 0
+    if lo < len(headers[0]):
+        for i, header in enumerate(headers):
+            outputs.write(i, header[lo:min(hi, len(header))])
+    position = len(headers[0])  # where the current tensor's data starts in the file
+    for t in job.shard.tensors:
+        b0, b1 = max(lo, position) - position, min(hi, position + t.nbytes) - position
+        position += t.nbytes
+        if b0 < b1:
+            compute_s += _stream_tensor(job, t, readers, outputs, io_pool, progress, b0, b1)
+            read += b1 - b0 + (0 if t.sft is None else min(b1, t.sft.info.nbytes) - min(b0, t.sft.info.nbytes))
+    io_pool.writer.submit(lambda: None).result()
+    return compute_s, read
+
+
 def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, dict]:
-    aligned_store = open_storage(job.aligned_uri)
-    sft_store = open_storage(job.sft_uri)
-    readers: dict[tuple[str, str], Reader] = {}
-
-    def reader(which: str, shard: str) -> Reader:
-        if (which, shard) not in readers:
-            store = aligned_store if which == "aligned" else sft_store
-            readers[(which, shard)] = store.open_reader(shard)
-        return readers[(which, shard)]
-
     headers = [output_header(job, alpha) for alpha in job.alphas]
     size = len(headers[0]) + job.shard.nbytes if headers else None
     writers = []
@@ -208,18 +257,10 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         for w in writers:
             w.abort()
         raise
-    outputs = _Outputs(writers)
-    compute_s = 0.0
-    io_pool = _IO(ThreadPoolExecutor(1, thread_name_prefix="expo-read"),
-                  ThreadPoolExecutor(1, thread_name_prefix="expo-read-sft"),
-                  ThreadPoolExecutor(1, thread_name_prefix="expo-write"),
-                  ThreadPoolExecutor(1, thread_name_prefix="expo-hash"))
+    outputs = _Outputs(writers, job.hashes)
+    readers, io_pool = _Readers(job), _io_pool()
     try:
-        for i, header in enumerate(headers):
-            outputs.write(i, header)
-        for t in job.shard.tensors:
-            compute_s += _stream_tensor(job, t, reader, outputs, io_pool, progress)
-        io_pool.writer.submit(lambda: None).result()
+        compute_s, read = _write_range(job, headers, 0, size, outputs, readers, io_pool, progress)
         # A committed variant is immutable: never replace a file of one another run committed meanwhile.
         outputs.commit([not _committed(out_store, v) for v in job.variants])
     except BaseException:
@@ -228,21 +269,53 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         raise
     finally:
         io_pool.shutdown()
-        for r in readers.values():
-            r.close()
-    written = {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest()} for i, v in enumerate(job.variants)}
-    read = job.shard.nbytes + sum(t.sft.info.nbytes for t in job.shard.tensors if t.sft is not None)
+        readers.close()
+    written = {v: {"size": outputs.sizes[i], **hashing.combine(job.hashes, [outputs.hashes[i].result()], outputs.sizes[i])}
+               for i, v in enumerate(job.variants)}
     return written, {"bytes_read": read, "compute_seconds": compute_s}
 
 
-def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_pool, progress) -> float:
-    """Stream one tensor through the kernel chunk by chunk; returns seconds spent computing."""
+def run_piece(job: ShardJob, progress=None) -> dict:
+    """Write bytes `job.file_range` of every variant's output file into its ranged upload.
+
+    Returns {"shard", "range", "files": {variant: {"hashes": RangeHash result, "upload": what the
+    storage needs to commit the file}}, timings}. Re-running a piece rewrites the same bytes."""
+    t_start = time.perf_counter()
+    out_store = open_storage(job.out_uri)
+    lo, hi = job.file_range
+    headers = [output_header(job, alpha) for alpha in job.alphas]
+    writers = [out_store.open_range_writer(f"{v}/{job.shard.key}", upload, lo)
+               for v, upload in zip(job.variants, job.uploads)]
+    outputs = _Outputs(writers, job.hashes, lo)
+    readers, io_pool = _Readers(job), _io_pool()
+    try:
+        compute_s, read = _write_range(job, headers, lo, hi, outputs, readers, io_pool, progress)
+        uploaded = [w.finish() for w in writers]
+    except BaseException:
+        io_pool.writer.shutdown(wait=True)
+        outputs.abort()
+        raise
+    finally:
+        io_pool.shutdown()
+        readers.close()
+    files = {v: {"hashes": outputs.hashes[i].result(), "upload": uploaded[i]} for i, v in enumerate(job.variants)}
+    return {"shard": job.shard.key, "range": [lo, hi], "files": files, "bytes_read": read,
+            "compute_seconds": compute_s, "seconds": time.perf_counter() - t_start}
+
+
+def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_pool, progress,
+                   b0: int = 0, b1: int | None = None) -> float:
+    """Stream bytes [b0, b1) of one output tensor through the kernel chunk by chunk; returns
+    seconds spent computing. A range boundary inside an element computes that element whole."""
     info = t.aligned.info
     n_alpha = len(job.alphas)
     effective = [a * t.scale for a in job.alphas]
     needs_compute = t.action in (EXTRAPOLATE, EXTEND_ROWS) and any(e != 0.0 for e in effective)
     needs_sft = needs_compute or t.action == COPY_IDENTICAL
     itemsize = info.itemsize
+    b1 = t.nbytes if b1 is None else b1
+    first, stop = b0 // itemsize, -(-b1 // itemsize)
+    head, tail = b0 - first * itemsize, stop * itemsize - b1  # bytes of split elements to leave out
     step = chunk_elements(job.chunk_bytes, itemsize, n_alpha)
     shared = t.shared_rows * (info.numel // info.shape[0]) if t.action == EXTEND_ROWS else info.numel
     bits = kernel.bits_dtype(t.dtype) if needs_compute else None
@@ -258,10 +331,16 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
         a = a_reader.read(info.start + start * itemsize, count * itemsize)
         return a, (s.result() if s is not None else None)
 
+    def clip(chunks, k):
+        if not (head and k == 0) and not (tail and k == len(ranges) - 1):
+            return chunks
+        cut = [memoryview(c).cast("B") for c in chunks]
+        return [c[head if k == 0 else 0:len(c) - (tail if k == len(ranges) - 1 else 0)] for c in cut]
+
     out_sets = [None] * OUTPUT_BUFFERS
     writes = [None] * OUTPUT_BUFFERS
     compute_s = 0.0
-    ranges = list(_ranges(t, step))
+    ranges = list(_ranges(first, stop, step))
     next_read = io_pool.reader.submit(read, *ranges[0]) if ranges else None
     for k, (start, count) in enumerate(ranges):
         a_bytes, s_bytes = next_read.result()
@@ -283,7 +362,7 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
             compute_s += time.perf_counter() - began
         check_chunk(t.name, t.dtype, a_bytes, s_bytes, effective, [_alpha_label(a, t.scale) for a in job.alphas],
                     chunks if needs_compute else None, job.allow_nonfinite)
-        writes[slot] = io_pool.writer.submit(outputs.write_all, chunks, io_pool.hasher)
+        writes[slot] = io_pool.writer.submit(outputs.write_all, clip(chunks, k), io_pool.hasher)
         if progress is not None:
             progress(count * itemsize)
         if CHUNK_DELAY_S:

@@ -1,4 +1,5 @@
 """The `expo-ray` command: bad input gets one clear message and no variant; real runs verify."""
+import hashlib
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 from click.testing import CliRunner
 
 from expo_ray.cli import main
@@ -148,18 +150,56 @@ def test_command_line_end_to_end(bf16_pair, tmp_path):
     env = dict(os.environ, RAY_ADDRESS="", RAY_USAGE_STATS_ENABLED="0")
     out = tmp_path / "variants"
     run = subprocess.run([EXPO, "extrapolate", "--sft", str(bf16_pair[0]), "--aligned", str(bf16_pair[1]),
-                          "--alpha", "0.25,0.5", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+                          "--alpha", "0.25,0.5", "--out", str(out), "--sha256"],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"{out}/alpha_0.25: written" in run.stdout and "extrapolate" in run.stderr  # progress bar label
     check = subprocess.run([EXPO, "verify", str(out)], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and check.stdout.count("ok ") == 2, check.stdout
-    # Damage one output byte: verify names the file and fails.
+    # --sha256: every file carries the whole-file sha256 (as Hub LFS pointers) besides BLAKE3
     shard = next((out / "alpha_0.5").glob("*.safetensors"))
+    record = _manifest_record(out / "alpha_0.5", shard.name)
+    assert record["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    # one 16 MiB block: BLAKE3 of the block's BLAKE3 digest
+    assert record["blake3_16mib_tree"] == blake3(blake3(shard.read_bytes()).digest()).hexdigest()
+    # Damage one output byte: verify names the file and fails.
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
     check = subprocess.run([EXPO, "verify", str(out / "alpha_0.5")], capture_output=True, text=True, timeout=120)
-    assert check.returncode == 1 and shard.name in check.stdout and "sha256" in check.stdout
+    assert check.returncode == 1 and shard.name in check.stdout and "blake3" in check.stdout
+
+
+def _manifest_record(variant, path):
+    manifest = json.loads((variant / "manifest.json").read_text())
+    return next(r for r in manifest["files"] if r["path"] == path)
+
+
+def test_manifests_written_before_blake3_still_verify(ray_local, bf16_pair, tmp_path):
+    """Manifests that record sha256 alone (as expo-ray wrote them before BLAKE3) verify, and a
+    damaged file is caught by its sha256."""
+    out = tmp_path / "variants"
+    run = run_cli("extrapolate", "--sft", str(bf16_pair[0]), "--aligned", str(bf16_pair[1]), "--alpha", "0.5",
+                  "--out", str(out), "--no-progress")
+    assert run.exit_code == 0, run.output
+    variant = out / "alpha_0.5"
+    manifest = json.loads((variant / "manifest.json").read_text())
+    assert all("blake3_16mib_tree" in r and "sha256" not in r for r in manifest["files"])  # the default
+    for r in manifest["files"]:
+        r["sha256"] = hashlib.sha256((variant / r["path"]).read_bytes()).hexdigest()
+        del r["blake3_16mib_tree"]
+    (variant / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    assert verify_variant(LocalStorage(variant)).ok
+    shard = next(variant.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    result = verify_variant(LocalStorage(variant))
+    assert not result.ok and any(shard.name in p and "sha256" in p for p in result.problems), result.problems
+    # a record without any content hash is a problem too, not a silent pass
+    manifest["files"][0].pop("sha256")
+    (variant / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    assert any("records no content hash" in p for p in verify_variant(LocalStorage(variant)).problems)
 
 
 def test_demo_refuses_a_grid_without_alpha_0(tmp_path):

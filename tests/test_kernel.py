@@ -525,3 +525,37 @@ def test_large_calls_equal_small_calls(dtype):
     for s in range(0, n, step):
         small = run("c", dtype, a1[s:s + step], a0[s:s + step], alphas)
         assert all(np.array_equal(b[s:s + step], o) for b, o in zip(big, small)), s
+
+
+_COMPACTION_CODE = """
+import hashlib, numpy as np
+from expo_ray import kernel
+rng = np.random.default_rng(16)
+h = hashlib.sha256()
+for dtype in ("BF16", "F16"):
+    x0 = rng.standard_normal(100_003).astype(np.float32) * 0.02
+    x1 = x0 + rng.standard_normal(100_003).astype(np.float32) * 0.001
+    a1 = x1.astype(np.float16).view(np.uint16) if dtype == "F16" else (x1.view(np.uint32) >> 16).astype(np.uint16)
+    a0 = x0.astype(np.float16).view(np.uint16) if dtype == "F16" else (x0.view(np.uint32) >> 16).astype(np.uint16)
+    for out in kernel.extrapolate(dtype, a1, a0, [0.1, 0.3, 0.5, 25.0]):
+        h.update(out.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_vector_and_portable_flag_compaction_agree():
+    """The C kernel gathers the elements tier 1 cannot prove with AVX2 where the CPU has it;
+    the portable gathering (forced by EXPO_RAY_KERNEL_NO_AVX2) must give the same bits."""
+    if C_MISSING:
+        pytest.skip(C_MISSING)
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__)))
+    digests = []
+    for flag in ("", "1"):
+        env = dict(os.environ, EXPO_RAY_KERNEL="c", EXPO_RAY_KERNEL_NO_AVX2=flag)
+        if not flag:
+            env.pop("EXPO_RAY_KERNEL_NO_AVX2")
+        res = subprocess.run([sys.executable, "-c", _COMPACTION_CODE], env=env, capture_output=True,
+                             text=True, cwd=cwd, timeout=300)
+        assert res.returncode == 0, res.stderr
+        digests.append(res.stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 64

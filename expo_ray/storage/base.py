@@ -67,6 +67,10 @@ class Storage(ABC):
 
     uri: str
     write_buffer_bytes: int = 0  # memory an open writer may hold (object stores buffer parts)
+    # Backends with ranged uploads (several tasks write disjoint byte ranges of one object) have
+    # begin_ranged(key, size) -> upload, open_range_writer(key, upload, offset) (write, finish,
+    # abort), finish_ranged(key, upload, parts) and abort_ranged(key, upload).
+    ranged_writes: bool = False
 
     @abstractmethod
     def open_reader(self, key: str) -> Reader: ...

@@ -23,6 +23,7 @@ MIN_PART = 5 * MiB
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 DEFAULT_PART_MIB = int(os.environ.get("EXPO_RAY_S3_PART_MIB", "16"))
+RANGED_PART = 16 * MiB            # parts of ranged uploads (pieces start on these boundaries)
 PARTS_IN_FLIGHT = int(os.environ.get("EXPO_RAY_S3_PARTS_IN_FLIGHT", "3"))
 RANGE_BYTES = 16 * MiB            # a large read is split into ranged GETs of this size
 READ_CONCURRENCY = int(os.environ.get("EXPO_RAY_S3_READ_CONCURRENCY", "8"))
@@ -175,6 +176,7 @@ class S3Writer(Writer):
         self.pieces: list[bytes] = []   # data of the part being filled (copied: callers reuse buffers)
         self.filled = 0
         self.upload_id: str | None = None
+        self.first_part = 1             # number of the first part this writer sends
         self.parts: dict[int, Future] = {}
         self.slots = threading.Semaphore(PARTS_IN_FLIGHT)
         self.total = 0
@@ -200,7 +202,7 @@ class S3Writer(Writer):
         if self.upload_id is None:
             self.upload_id = with_retries(lambda: client().create_multipart_upload(
                 Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="CRC32")["UploadId"], self.label)
-        number = len(self.parts) + 1
+        number = self.first_part + len(self.parts)
         if number > MAX_PARTS:
             raise StorageError(f"{self.label}: more than {MAX_PARTS} parts; raise EXPO_RAY_S3_PART_MIB")
         self.slots.acquire()
@@ -263,7 +265,37 @@ class S3Writer(Writer):
         self.closed = True
 
 
+class S3RangeWriter(S3Writer):
+    """Writes one byte range of a multipart upload that the driver opened (ranged upload): the
+    range starts on a RANGED_PART boundary, so its parts have fixed numbers and any number of
+    writers can send theirs at the same time. The driver completes (or aborts) the upload."""
+
+    def __init__(self, bucket: str, key: str, label: str, upload_id: str, offset: int):
+        super().__init__(bucket, key, label, None, False, RANGED_PART)
+        if offset % RANGED_PART:
+            raise StorageError(f"{label}: a ranged write must start on a {RANGED_PART}-byte boundary, not {offset}")
+        self.part_size = RANGED_PART
+        self.upload_id = upload_id
+        self.first_part = offset // RANGED_PART + 1
+
+    def finish(self) -> list[dict]:
+        """Send the last (short) part, wait for all; returns the parts for the completion."""
+        try:
+            if self.filled:
+                self._upload_part(self._take_part())
+            return [self.parts[n].result() for n in sorted(self.parts)]
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.upload_id = None  # the upload itself is the driver's to abort
+        super().abort()
+
+
 class S3Storage(Storage):
+    ranged_writes = True
+
     def __init__(self, bucket: str, prefix: str = "", part_mib: int = DEFAULT_PART_MIB):
         if len(bucket) < 3:
             raise StorageError(f"s3://{bucket}: bucket names have at least 3 characters")
@@ -319,6 +351,27 @@ class S3Storage(Storage):
 
     def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> S3Writer:
         return S3Writer(self.bucket, self._key(key), self.describe(key), size_hint, if_absent, self.part_size)
+
+    def begin_ranged(self, key: str, size: int) -> str:
+        if size > MAX_PARTS * RANGED_PART:
+            raise StorageError(f"{self.describe(key)}: {size} bytes need more than {MAX_PARTS} parts of {RANGED_PART} bytes")
+        full = self._key(key)
+        return with_retries(lambda: client().create_multipart_upload(
+            Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32")["UploadId"], self.describe(key))
+
+    def open_range_writer(self, key: str, upload: str, offset: int) -> S3RangeWriter:
+        return S3RangeWriter(self.bucket, self._key(key), self.describe(key), upload, offset)
+
+    def finish_ranged(self, key: str, upload: str, parts: list) -> None:
+        full = self._key(key)
+        ordered = sorted((p for group in parts for p in group), key=lambda p: p["PartNumber"])
+        with_retries(lambda: client().complete_multipart_upload(
+            Bucket=self.bucket, Key=full, UploadId=upload, MultipartUpload={"Parts": ordered}), self.describe(key))
+
+    def abort_ranged(self, key: str, upload: str) -> None:
+        full = self._key(key)
+        with_retries(lambda: client().abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload),
+                     self.describe(key))
 
     def delete(self, key: str) -> None:
         full = self._key(key)
