@@ -59,20 +59,20 @@ def read_manifest(variant: Storage) -> dict | None:
     for i, record in enumerate(manifest["files"]):
         if not _is_record(record):
             raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: files[{i}] is not a file record "
-                            "(path, size and sha256)")
+                            f"(path, size and a {' or '.join(hashing.ALGORITHMS)} digest)")
     return manifest
 
 
 def _is_record(record) -> bool:
     if not isinstance(record, dict) or not isinstance(record.get("path"), str):
         return False
-    size, digest = record.get("size"), record.get("sha256")
     try:
         clean_key(record["path"])
     except StorageError:
         return False
-    return (type(size) is int and size >= 0 and isinstance(digest, str) and len(digest) == 64
-            and all(c in "0123456789abcdef" for c in digest))
+    size, digests = record.get("size"), [record[n] for n in hashing.recorded(record)]
+    return (type(size) is int and size >= 0 and bool(digests)
+            and all(len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests))
 
 
 @dataclass

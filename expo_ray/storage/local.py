@@ -220,7 +220,8 @@ class LocalStorage(Storage):
         final = self._path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            temp = final.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{final.name}")
+            # Named after this (driver) process, which owns the upload until it is finished or aborted.
+            temp = final.with_name(f"{TEMP_MARK}{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 os.ftruncate(fd, size)
