@@ -17,7 +17,7 @@ from . import __version__
 from .checkpoint import INDEX_FILE
 from .destination import check_destination
 from .errors import ExpoError, StorageError
-from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
+from .manifest import FORMAT, file_record, find_variants, read_manifest, sha256_of, write_manifest
 from .modelcard import canonical_command, model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options
@@ -149,7 +149,7 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
     leftovers = out.cleanup_incomplete(name)
     if leftovers:
         log.info("%s: removed %d leftover(s) of killed task attempts", variant.describe(), leftovers)
-    files = [{"path": r["shard"], **r["files"][name]} for r in records]
+    files = [{"path": r["shard"], "size": r["files"][name]["size"], "sha256": r["files"][name]["sha256"]} for r in records]
     index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
     payload = {INDEX_FILE: (json.dumps(index, indent=2) + "\n").encode()}
     aligned = open_storage(plan.aligned_uri)
@@ -163,6 +163,8 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
     existing = read_manifest(variant)
     if existing is not None:  # a committed variant is immutable
         return _committed_by_other(variant, existing, fingerprint, files)
+    for r in records:
+        _check_unchanged(variant, r["shard"], r["files"][name])
     for key, data in payload.items():
         variant.write_bytes(key, data)
     manifest = {
@@ -189,6 +191,17 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
         return _committed_by_other(variant, existing, fingerprint, files)
     log.info("committed %s", variant.describe())
     return "written"
+
+
+def _check_unchanged(variant: Storage, key: str, record: dict) -> None:
+    """Refuse to commit a shard that is no longer the file this run wrote (a concurrent run into
+    the same destination replaced it): a manifest must describe what is on storage."""
+    if record.get("version") is not None and variant.version(key) == record["version"]:
+        return
+    size, digest = sha256_of(variant, key)  # replaced, or unknown: identical bytes are fine
+    if (size, digest) != (record["size"], record["sha256"]):
+        raise ExpoError(f"{variant.describe(key)}: replaced by another run writing into the same destination; "
+                        "nothing was committed; run one job per destination, then re-run")
 
 
 def _committed_by_other(variant: Storage, existing: dict, fingerprint: str, files: list[dict]) -> str:

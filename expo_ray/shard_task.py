@@ -147,7 +147,7 @@ def _finished(out_store: Storage, variant: str, shard: str, fingerprint: str) ->
     size, digest = sha256_of(out_store, f"{variant}/{shard}")
     if size != receipt.get("size") or digest != receipt.get("sha256"):
         return None
-    return {"size": size, "sha256": digest}
+    return {"size": size, "sha256": digest, "version": out_store.version(f"{variant}/{shard}")}
 
 
 def _committed(out_store: Storage, variant: str) -> bool:
@@ -179,7 +179,7 @@ def run_shard(job: ShardJob, progress=None) -> dict:
             files[variant] = written[variant]
             if _committed(out_store, variant):
                 continue
-            receipt = dict(written[variant], fingerprint=fingerprint)
+            receipt = dict(size=written[variant]["size"], sha256=written[variant]["sha256"], fingerprint=fingerprint)
             out_store.write_bytes(receipt_key(variant, job.shard.key), json.dumps(receipt).encode())
     elif progress is not None:
         progress(job.shard.nbytes)
@@ -230,7 +230,10 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         io_pool.shutdown()
         for r in readers.values():
             r.close()
-    written = {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest()} for i, v in enumerate(job.variants)}
+    # The stored version (mtime, ETag) lets the commit notice a file another run replaced meanwhile.
+    written = {v: {"size": outputs.sizes[i], "sha256": outputs.hashes[i].hexdigest(),
+                   "version": out_store.version(f"{v}/{job.shard.key}") if out_store.exists(f"{v}/{job.shard.key}") else None}
+               for i, v in enumerate(job.variants)}
     read = job.shard.nbytes + sum(t.sft.info.nbytes for t in job.shard.tensors if t.sft is not None)
     return written, {"bytes_read": read, "compute_seconds": compute_s}
 
