@@ -3,7 +3,6 @@ committed variant, links never carry outside files into a variant, and an edited
 identity."""
 import hashlib
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -11,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_bucket, upload_folder
+from conftest import upload_folder
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.cli import main
 from expo_ray.errors import StorageError
 from expo_ray.manifest import verify_variant
-from expo_ray.storage import LocalStorage, open_storage
+from expo_ray.storage import LocalStorage
 
 ALPHA = "0.5"
 
