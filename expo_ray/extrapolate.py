@@ -164,7 +164,7 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
     leftovers = out.cleanup_incomplete(name)
     if leftovers:
         log.info("%s: removed %d leftover(s) of killed task attempts", variant.describe(), leftovers)
-    files = [{"path": r["shard"], **r["files"][name]} for r in records]
+    files = [{"path": r["shard"], **{k: v for k, v in r["files"][name].items() if k != "version"}} for r in records]
     index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
     payload = {INDEX_FILE: (json.dumps(index, indent=2) + "\n").encode()}
     aligned = open_storage(plan.aligned_uri)
@@ -178,6 +178,8 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
     existing = read_manifest(variant)
     if existing is not None:  # a committed variant is immutable
         return _committed_by_other(variant, existing, fingerprint, files)
+    for r in records:
+        _check_unchanged(variant, r["shard"], r["files"][name])
     for key, data in payload.items():
         variant.write_bytes(key, data)
     manifest = {
@@ -204,6 +206,18 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
         return _committed_by_other(variant, existing, fingerprint, files)
     log.info("committed %s", variant.describe())
     return "written"
+
+
+def _check_unchanged(variant: Storage, key: str, record: dict) -> None:
+    """Refuse to commit a shard that is no longer the file this run wrote (a concurrent run into
+    the same destination replaced it): a manifest must describe what is on storage."""
+    if record.get("version") is not None and variant.version(key) == record["version"]:
+        return
+    # Replaced, or the version is unknown: identical bytes are fine.
+    size, digests = hashing.digest_file(variant, key, hashing.recorded(record))
+    if size != record["size"] or hashing.mismatches(record, digests):
+        raise ExpoError(f"{variant.describe(key)}: replaced by another run writing into the same destination; "
+                        "nothing was committed; run one job per destination, then re-run")
 
 
 def _committed_by_other(variant: Storage, existing: dict, fingerprint: str, files: list[dict]) -> str:

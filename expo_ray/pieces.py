@@ -87,7 +87,8 @@ def run(jobs: list[ShardJob], out: Storage, cpus: int, submit: Callable[[list[Sh
                     out.abort_ranged(key, upload)
                     continue
                 out.finish_ranged(key, upload, parts)
-                receipt = dict(record["files"][variant], fingerprint=fingerprint)
+                record["files"][variant]["version"] = out.version(key)
+                receipt = dict(size=size, **digests, fingerprint=fingerprint)
                 out.write_bytes(receipt_key(variant, sub.shard.key), json.dumps(receipt).encode())
     except BaseException:
         for (variant, shard), upload in uploads.items():

@@ -164,7 +164,7 @@ def finished_output(out_store: Storage, variant: str, shard: str, fingerprint: s
     size, digests = hashing.digest_file(out_store, f"{variant}/{shard}", hashes)
     if size != receipt.get("size") or hashing.mismatches(receipt, digests):
         return None
-    return {"size": size, **digests}
+    return {"size": size, **digests, "version": out_store.version(f"{variant}/{shard}")}
 
 
 def _committed(out_store: Storage, variant: str) -> bool:
@@ -196,7 +196,7 @@ def run_shard(job: ShardJob, progress=None) -> dict:
             files[variant] = written[variant]
             if _committed(out_store, variant):
                 continue
-            receipt = dict(written[variant], fingerprint=fingerprint)
+            receipt = {**{k: v for k, v in written[variant].items() if k != "version"}, "fingerprint": fingerprint}
             out_store.write_bytes(receipt_key(variant, job.shard.key), json.dumps(receipt).encode())
     elif progress is not None:
         progress(job.shard.nbytes)
@@ -270,7 +270,9 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
     finally:
         io_pool.shutdown()
         readers.close()
-    written = {v: {"size": outputs.sizes[i], **hashing.combine(job.hashes, [outputs.hashes[i].result()], outputs.sizes[i])}
+    # The stored version (mtime, ETag) lets the commit notice a file another run replaced meanwhile.
+    written = {v: {"size": outputs.sizes[i], **hashing.combine(job.hashes, [outputs.hashes[i].result()], outputs.sizes[i]),
+                   "version": out_store.version(f"{v}/{job.shard.key}") if out_store.exists(f"{v}/{job.shard.key}") else None}
                for i, v in enumerate(job.variants)}
     return written, {"bytes_read": read, "compute_seconds": compute_s}
 

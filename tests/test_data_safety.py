@@ -3,7 +3,6 @@ committed variant, links never carry outside files into a variant, and an edited
 identity."""
 import hashlib
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -11,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_bucket, upload_folder
+from conftest import upload_folder
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.cli import main
 from expo_ray.errors import StorageError
 from expo_ray.manifest import verify_variant
-from expo_ray.storage import LocalStorage, open_storage
+from expo_ray.storage import LocalStorage
 
 ALPHA = "0.5"
 
@@ -188,3 +187,33 @@ def test_overlapping_runs_of_one_job_both_succeed(ray_local, copies, tmp_path, m
         assert states[1] == "written" and states[0] in ("already committed by another run", "already complete"), states
         assert verify_variant(LocalStorage(tmp_path / "out" / name)).ok
     assert not [p for p in (tmp_path / "out").rglob(".expo-partial-*")]
+
+
+def test_overlapping_runs_with_different_inputs_never_commit_a_mix(ray_local, copies, tmp_path, monkeypatch):
+    """Two different jobs into one destination at once: whatever the interleaving, a committed
+    variant holds exactly what its manifest says, and a run that cannot commit says why."""
+    sft, aligned = copies
+    monkeypatch.setenv("EXPO_RAY_CHUNK_DELAY_S", "0.05")
+    out = str(tmp_path / "out")
+    outcomes, errors = [], []
+
+    def run(**rules):
+        try:
+            outcomes.append(extrapolate(str(sft), str(aligned), (0.5,), out, chunk_mib=0.0625, show_progress=False,
+                                        **rules).variants)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=run), threading.Thread(target=run, kwargs={"scales": ["*.mlp.*=2"]})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(outcomes) + len(errors) == 2 and len(outcomes) <= 1, (outcomes, errors)
+    for message in errors:
+        assert any(s in message for s in ("another run", "made from other inputs or settings")), message
+    if outcomes:
+        assert outcomes[0] == {"alpha_0.5": "written"}
+        assert verify_variant(LocalStorage(tmp_path / "out" / "alpha_0.5")).ok
+    else:  # both refused: nothing committed, and a re-run of either job completes
+        assert not (tmp_path / "out" / "alpha_0.5" / "manifest.json").exists()

@@ -94,10 +94,13 @@ def pair(tmp_path_factory):
 
 @pytest.fixture
 def scratch():
-    def make() -> Path:
-        return Path(tempfile.mkdtemp(prefix="expo-fuzz-"))
+    """A fresh folder per example (function-scoped fixtures are shared by all of a test's examples)."""
     made = []
-    yield lambda: made.append(make()) or made[-1]
+
+    def make() -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix="expo-fuzz-")))
+        return made[-1]
+    yield make
     for folder in made:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -103,7 +103,7 @@ class HubStorage(Storage):
         raise StorageError(f"{self.describe(key)}: hf:// locations are read-only")
 
     def location(self) -> tuple[str, ...]:
-        return ("hf", *self.repo.split("/"))
+        return ("hf", *self.repo.split("/"), self.commit)  # two revisions of one repository are two models
 
     def child(self, prefix: str) -> "Storage":
         raise StorageError(f"{self.uri}: sub-folders of hub repositories are not supported as model folders")
