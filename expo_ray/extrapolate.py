@@ -18,7 +18,7 @@ from . import __version__
 from .checkpoint import INDEX_FILE
 from .errors import ExpoError, StorageError
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
-from .modelcard import model_card
+from .modelcard import MERGEKIT_FILE, mergekit_config, model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options
 from .safetensors_io import read_header
@@ -32,6 +32,7 @@ DEFAULT_CHUNK_MIB = 256
 TASK_BASE_MEMORY = 512 * 1024 * 1024
 TASK_MAX_RETRIES = 3
 ROOT_INDEX = "expo-ray-index.json"
+MAX_CARD_BYTES = 4 * 1024 * 1024  # the aligned model's README.md, read for its licence
 
 
 @dataclass
@@ -139,9 +140,11 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
         data = aligned.read_bytes(key, limit=512 * 1024 * 1024)
         variant.write_bytes(key, data)
         files.append(file_record(variant, key, data))
-    card = model_card(plan, alpha, command).encode()
-    variant.write_bytes("README.md", card)
-    files.append(file_record(variant, "README.md", card))
+    card = model_card(plan, alpha, command, _source_card(aligned)).encode()
+    merge = mergekit_config(plan, alpha).encode()
+    for key, data in (("README.md", card), (MERGEKIT_FILE, merge)):
+        variant.write_bytes(key, data)
+        files.append(file_record(variant, key, data))
     manifest = {
         "format": FORMAT,
         "variant": name,
@@ -167,6 +170,16 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
         raise
     log.info("committed %s", variant.describe())
     return "written"
+
+
+def _source_card(aligned: Storage) -> str:
+    """The aligned model's README.md (its licence goes into the variants' cards), or ''."""
+    try:
+        if aligned.exists("README.md"):
+            return aligned.read_bytes("README.md", limit=MAX_CARD_BYTES).decode("utf-8", "replace")
+    except StorageError as exc:
+        log.warning("%s: not read (%s); the variant's card names no licence", aligned.describe("README.md"), exc)
+    return ""
 
 
 def write_root_index(out: Storage) -> None:
