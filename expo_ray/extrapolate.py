@@ -10,11 +10,12 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import __version__
+from . import CallableModule, __version__
 from .checkpoint import INDEX_FILE
 from .errors import ExpoError, StorageError
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
@@ -211,3 +212,7 @@ def default_command() -> str:
     import sys
 
     return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
+
+
+# Called, `expo_ray.extrapolate(sft, aligned, alphas, out, ...)` runs expo_ray.api.extrapolate.
+sys.modules[__name__].__class__ = CallableModule

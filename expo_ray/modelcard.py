@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
 from .plan import COPY, EXTEND_ROWS, EXTRAPOLATE, Plan, format_alpha
@@ -37,6 +36,8 @@ def source_card_data(text: str | None, label: str) -> dict:
     """The metadata of the aligned model's card worth inheriting ({} when it has none or is unreadable)."""
     if not text:
         return {}
+    from huggingface_hub import ModelCard  # imported when used: it takes seconds
+
     try:
         data = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
     except Exception as exc:  # noqa: BLE001 - a source card never stops a commit
@@ -57,6 +58,8 @@ def _rule_lines(plan: Plan) -> list[str]:
 
 def model_card(plan: Plan, alpha: float, command: str | None, source_card: str | None = None) -> str:
     """README.md of the variant for `alpha`; `source_card` is the aligned model's README.md, if any."""
+    from huggingface_hub import ModelCardData
+
     parents = [r for r in (hub_repo(plan.aligned_uri), hub_repo(plan.sft_uri)) if r]
     data = ModelCardData(
         base_model=parents or None,

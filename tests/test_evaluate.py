@@ -49,7 +49,12 @@ def test_generation_scoring_report_and_cache(setting):
     assert [r["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
     assert all(set(r) == {"prompt_id", "prompt", "output", "tokens", "finish_reason", "reward"} for r in rows)
     alpaca = json.loads((out / "responses" / "alpha_0.5.alpaca_eval.json").read_text())
-    assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"} and alpaca[0]["generator"] == "expo-alpha_0.5"
+    assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"} 
+    # AlpacaEval generator names: the aligned model's folder name ("aligned" here), per alpha.
+    generators = {label: json.loads((out / "responses" / f"{label}.alpaca_eval.json").read_text())[0]["generator"]
+                  for label in ("sft", "alpha_0.0", "alpha_0.5", "alpha_2.0")}
+    assert generators == {"sft": "sft", "alpha_0.0": "aligned", "alpha_0.5": "aligned-expo-alpha0.5",
+                          "alpha_2.0": "aligned-expo-alpha2.0"}, generators
 
     # Rewards are the reward model's raw logits on the conversation rendered with ITS chat template.
     tok = AutoTokenizer.from_pretrained(reward)

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..errors import ExpoError
+from ..plan import format_alpha
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import Storage, open_storage
 from .aggregate import Scored, summarize
@@ -183,12 +184,13 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
             _stop(ray, scorer)
 
     results, alphas = {}, {}
+    aligned_uri = _aligned_uri(models)
     for m in models:
         generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
         rewards = _read_json(out, f"cache/rewards-{reward_keys[m.label]}.json")
         if generations is None or rewards is None or len(rewards) != len(generations) != len(texts):
             raise ExpoError(f"{out.describe()}: results for {m.label} are incomplete")
-        _write_responses(out, m, prompts, generations, rewards)
+        _write_responses(out, m, prompts, generations, rewards, generator_name(m, aligned_uri))
         results[m.label] = [Scored(p.id, r, g["tokens"], g["finish_reason"])
                             for p, g, r in zip(prompts.prompts, generations, rewards)]
         alphas[m.label] = m.alpha
@@ -206,12 +208,39 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     return report
 
 
-def _write_responses(out: Storage, m: ModelRef, prompts: PromptSet, generations: list[dict], rewards: list[float]):
+def _aligned_uri(models: list[ModelRef]) -> str:
+    """Where the aligned model came from: a variant's manifest says; else the alpha-0 model is it."""
+    from ..manifest import read_manifest
+
+    for m in models:
+        if m.alpha:
+            manifest = read_manifest(open_storage(m.uri))
+            if manifest:
+                return manifest["sources"]["aligned"]
+    return next((m.uri for m in models if m.alpha == 0.0), "")
+
+
+def model_name(uri: str) -> str:
+    """The last part of a model's location, without a revision: hf://org/zephyr-7b-beta@abc -> zephyr-7b-beta."""
+    return uri.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+
+
+def generator_name(m: ModelRef, aligned_uri: str) -> str:
+    """AlpacaEval's `generator`: the aligned model's name, with -expo-alpha<alpha> for a variant
+    (alpha 0 is the aligned model itself); the SFT model's own name."""
+    if m.alpha is None:
+        return model_name(m.uri)
+    name = model_name(aligned_uri)
+    return name if m.alpha == 0.0 else f"{name}-expo-alpha{format_alpha(m.alpha)}"
+
+
+def _write_responses(out: Storage, m: ModelRef, prompts: PromptSet, generations: list[dict], rewards: list[float],
+                     generator: str):
     """responses/LABEL.jsonl and the AlpacaEval-format responses/LABEL.alpaca_eval.json."""
     lines = [json.dumps({"prompt_id": p.id, "prompt": p.text, "output": g["output"], "tokens": g["tokens"],
                          "finish_reason": g["finish_reason"], "reward": r})
              for p, g, r in zip(prompts.prompts, generations, rewards)]
     out.write_bytes(f"responses/{m.label}.jsonl", ("\n".join(lines) + "\n").encode())
-    alpaca = [{"instruction": p.text, "output": g["output"], "generator": f"expo-{m.label}",
+    alpaca = [{"instruction": p.text, "output": g["output"], "generator": generator,
                "dataset": p.dataset or prompts.name} for p, g in zip(prompts.prompts, generations)]
     out.write_bytes(f"responses/{m.label}.alpaca_eval.json", json.dumps(alpaca, indent=1).encode())
