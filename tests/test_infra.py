@@ -872,23 +872,8 @@ def _cli_commands() -> list[tuple[str, list[str]]]:
     return [(f"{where}:{line_no}", list(argv)) for (where, argv), line_no in found.items()]
 
 
-def _sweep_missing() -> bool:
-    try:
-        from expo_ray.cli import main
-    except Exception:  # noqa: BLE001 - a broken CLI import fails test_cli_command_parses itself
-        return True
-    return "sweep" not in main.commands
-
-
 def _cli_params():
-    params = []
-    for where, argv in _cli_commands():
-        subcommand = next((a for a in argv if not a.startswith("-")), None)
-        marks = []
-        if subcommand == "sweep":
-            marks = [pytest.mark.xfail(_sweep_missing(), reason="expo-ray sweep not implemented yet", strict=False)]
-        params.append(pytest.param(argv, id=f"{where} expo-ray {' '.join(argv)[:60]}", marks=marks))
-    return params
+    return [pytest.param(argv, id=f"{where} expo-ray {' '.join(argv)[:60]}") for where, argv in _cli_commands()]
 
 
 def test_cli_commands_found():
