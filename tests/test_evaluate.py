@@ -50,6 +50,10 @@ def test_generation_scoring_report_and_cache(setting):
     assert all(set(r) == {"prompt_id", "prompt", "output", "tokens", "finish_reason", "reward"} for r in rows)
     alpaca = json.loads((out / "responses" / "alpha_0.5.alpaca_eval.json").read_text())
     assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"} 
+    # Each engine's own output is in a file under the evaluation output, not on the console.
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert "reward.log" in logs and any(n.startswith("generation-") for n in logs), sorted(logs)
+    assert str(reward) in logs["reward.log"], logs["reward.log"][-2000:]
     # AlpacaEval generator names: the aligned model's folder name ("aligned" here), per alpha.
     generators = {label: json.loads((out / "responses" / f"{label}.alpaca_eval.json").read_text())[0]["generator"]
                   for label in ("sft", "alpha_0.0", "alpha_0.5", "alpha_2.0")}
