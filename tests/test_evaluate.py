@@ -70,8 +70,11 @@ def test_generation_scoring_report_and_cache(setting):
             logit = model(torch.tensor([ids])).logits[0, 0].item()
         assert abs(logit - r["reward"]) < 1e-4, (logit, r["reward"])
 
-    again = evaluate_variants(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
-                              out_uri=str(root / "eval"), include_sft=True)
+    # The same evaluation through the top-level API finds everything cached.
+    import expo_ray
+
+    again = expo_ray.evaluate(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, out=str(root / "eval"),
+                              include_sft=True, dtype=SETTINGS.dtype, max_model_len=SETTINGS.max_model_len)
     assert again["generated"] == [] and again["scored"] == [] and not again["work_done"]
     assert again["results"] == report["results"]
 
