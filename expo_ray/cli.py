@@ -63,6 +63,16 @@ def _progress(no_progress: bool) -> bool:
     return not no_progress and sys.stderr.isatty()
 
 
+def _needs(extra: str, *modules: str) -> None:
+    """One clear error when an optional dependency is missing (the core installs without them)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExpoError(f"this command needs {', '.join(missing)}, which is not installed: pip install "
+                        f"'expo-ray[{extra}]' (on a machine without a GPU, vLLM comes from scripts/install_vllm.sh)")
+
+
 def _plan_options(f):
     options = [
         click.option("--scale", "scales", multiple=True, metavar="PATTERN=FACTOR",
@@ -265,6 +275,7 @@ def _eval_options(f, skip: tuple[str, ...] = ()):
 
 def _eval_inputs(o):
     """Prompts, sampling and engine settings from the evaluation options."""
+    _needs("vllm", "transformers", "vllm")
     from .evaluate.pipeline import EngineSettings
     from .evaluate.prompts import load_prompts
 
@@ -420,6 +431,7 @@ def sweep(spec_path, address, check, no_progress):
 def demo(workdir, alphas, scale, storage, seed, no_progress):
     """The ExPO paper's controlled experiment in miniature: train tiny SFT, DPO and reward models on a
     synthetic task, extrapolate, evaluate with vLLM, and show reward against alpha (CPU only, offline)."""
+    _needs("demo", "torch", "transformers", "vllm")
     from .demo.pipeline import demo_table, finding_lines, run_demo
     from .plan import parse_alphas
 

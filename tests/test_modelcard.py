@@ -77,6 +77,9 @@ def test_card_lists_both_hub_parents_as_a_merge(bf16_pair, tmp_path):
     assert data["base_model_relation"] == "merge" and data["license"] == "apache-2.0"
     config = yaml.safe_load(mergekit_config(plan, 0.5))
     assert [m["model"] for m in config["models"]] == [ZEPHYR[5:], ZEPHYR_SFT[5:]]
+    mergekit_config_cls = pytest.importorskip("mergekit.config").MergeConfiguration
+    refs = [m.model.model for m in mergekit_config_cls.model_validate(config).models]
+    assert [(r.path, r.revision) for r in refs] == [tuple(u[5:].split("@")) for u in (ZEPHYR, ZEPHYR_SFT)]
 
 
 def _mergekit(config_text: str, out: Path) -> dict[str, torch.Tensor]:
