@@ -20,6 +20,8 @@ AUX_FILES = (
     "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
     "chat_template.jinja", "chat_template.json",
 )
+# Licence and notice files (LICENSE.txt, NOTICE, USE_POLICY.md, ...) travel with the weights.
+LICENSE_PREFIXES = ("license", "licence", "copying", "notice", "use_policy")
 PICKLE_HINT = (
     "pickle checkpoints (.bin/.pt) are never loaded because unpickling runs arbitrary code; "
     "convert it to safetensors first (for a model you trust: "
@@ -74,7 +76,12 @@ class Checkpoint:
         return sum(h.file_size for h in self.headers.values())
 
     def aux_files(self) -> list[str]:
-        return [f for f in AUX_FILES if f in self.files]
+        """Side files copied into every variant: config, tokenizer, licences, and the model code
+        when config.json's auto_map names some (it runs only with --trust-remote-code)."""
+        extra = {f for f in self.files if f.lower().startswith(LICENSE_PREFIXES)}
+        if (self.config or {}).get("auto_map"):
+            extra |= {f for f in self.files if f.endswith(".py")}
+        return [f for f in AUX_FILES if f in self.files] + sorted(extra - set(AUX_FILES))
 
     @classmethod
     def open(cls, source: str | Storage, require_config: bool = True) -> "Checkpoint":

@@ -1,8 +1,10 @@
 """The `expo-ray` command: parses options, calls the library, prints results. Nothing else."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +15,12 @@ from .errors import ExpoError
 
 DEFAULT_ALPHAS = "0.1,0.2,0.3,0.4,0.5"
 ALPHA_RULE = "Every alpha >= 0 (0 is the aligned model; negative values are refused, here and in sweeps)."
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s expo-ray %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ray", "urllib3", "botocore", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -38,11 +42,19 @@ class ExpoGroup(click.Group):
             click.echo(f"error: {where}{exc.strerror or exc} (expo-ray -v shows where)", err=True)
             sys.exit(1)
 
+    def parse_args(self, ctx, args):
+        # -v/-q may come anywhere (also after the subcommand): move them in front of it.
+        before, rest = (args[:args.index("--")], args[args.index("--"):]) if "--" in args else (args, [])
+        flags = [a for a in before if a in GLOBAL_FLAGS]
+        return super().parse_args(ctx, flags + [a for a in before if a not in GLOBAL_FLAGS] + rest)
+
 
 @click.group(cls=ExpoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="expo-ray")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging, and the engines' own logs live (they always go to files). Anywhere on the line.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only. Anywhere on the line.")
+def main(verbose: bool, quiet: bool) -> None:
     """ExPO weight extrapolation on Ray: theta = aligned + alpha * (aligned - sft).
 
     SRC is a model folder (safetensors shards, index, config, tokenizer): a local path,
@@ -53,7 +65,24 @@ def main(verbose: bool) -> None:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):
             pass
-    _setup_logging(verbose)
+    _setup_logging(verbose, quiet)
+    if verbose:
+        os.environ["EXPO_RAY_ENGINE_LOGS"] = "live"  # Ray workers inherit the driver's environment
+
+
+def _progress(no_progress: bool) -> bool:
+    """Progress bars only on a terminal (a job log or a pipe gets none)."""
+    return not no_progress and sys.stderr.isatty()
+
+
+def _needs(extra: str, *modules: str) -> None:
+    """One clear error when an optional dependency is missing (the core installs without them)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExpoError(f"this command needs {', '.join(missing)}, which is not installed: pip install "
+                        f"'expo-ray[{extra}]' (on a machine without a GPU, vLLM comes from scripts/install_vllm.sh)")
 
 
 def _plan_options(f):
@@ -109,7 +138,8 @@ def extrapolate(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_u
     if dry_run:
         click.echo(json.dumps(summary, indent=2))
         return
-    result = run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=not no_progress, sha256=sha256)
+    result = run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=_progress(no_progress),
+                      sha256=sha256)
     for name, state in result.variants.items():
         click.echo(f"{result.out_uri.rstrip('/')}/{name}: {state}")
     if result.seconds:
@@ -214,7 +244,8 @@ def verify(dst, quick):
         sys.exit(1)
 
 
-def _eval_options(f):
+def _eval_options(f, skip: tuple[str, ...] = ()):
+    """The prompt, reward, engine and sampling options; `skip` leaves out the named ones."""
     options = [
         click.option("--prompts", "prompt_spec", required=True, metavar="SET|FILE",
                      help="ultrafeedback (the paper's 1,000 test_gen prompts), alpaca_eval (805), or a JSON/JSONL/"
@@ -226,7 +257,7 @@ def _eval_options(f):
         click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of --sample."),
         click.option("--reward-model", required=True, metavar="SRC",
                      help="A sequence-classification reward model (the paper used weqweasdas/RM-Mistral-7B)."),
-        click.option("--tp", type=click.IntRange(1), default=1, show_default=True,
+        click.option("-tp", "--tp", "--tensor-parallel-size", "tp", type=click.IntRange(1), default=1, show_default=True,
                      help="Tensor-parallel size of each generation engine (8 for 70B)."),
         click.option("--reward-tp", type=click.IntRange(1), default=1, show_default=True,
                      help="Tensor-parallel size of the reward engine."),
@@ -237,12 +268,13 @@ def _eval_options(f):
                      help="An engine serves model after model, loading each one's weights in place "
                           "instead of restarting (models of another shape get their own engine)."),
         click.option("--include-sft", is_flag=True, help="Also evaluate the SFT model."),
-        click.option("--temperature", type=float, default=0.7, show_default=True),
-        click.option("--top-p", type=float, default=0.9, show_default=True),
-        click.option("--top-k", type=int, default=50, show_default=True),
-        click.option("--presence-penalty", type=float, default=0.1, show_default=True),
-        click.option("--frequency-penalty", type=float, default=0.1, show_default=True),
-        click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True),
+        click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature."),
+        click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling threshold."),
+        click.option("--top-k", type=int, default=50, show_default=True, help="Sample from the K likeliest tokens."),
+        click.option("--presence-penalty", type=float, default=0.1, show_default=True, help="vLLM presence penalty."),
+        click.option("--frequency-penalty", type=float, default=0.1, show_default=True, help="vLLM frequency penalty."),
+        click.option("--max-tokens", type=click.IntRange(1), default=2048, show_default=True,
+                     help="Longest answer, in tokens."),
         click.option("--seed", type=int, default=42, show_default=True, help="Sampling seed."),
         click.option("--max-model-len", type=click.IntRange(16), default=None, help="vLLM max_model_len."),
         click.option("--dtype", default="auto", show_default=True,
@@ -254,11 +286,13 @@ def _eval_options(f):
     ]
     for option in reversed(options):
         f = option(f)
+    f.__click_params__ = [p for p in f.__click_params__ if p.name not in skip]
     return f
 
 
 def _eval_inputs(o):
     """Prompts, sampling and engine settings from the evaluation options."""
+    _needs("vllm", "transformers", "vllm")
     from .evaluate.pipeline import EngineSettings
     from .evaluate.prompts import load_prompts
 
@@ -268,7 +302,7 @@ def _eval_inputs(o):
                                   "max_tokens", "seed")}
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
                               trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"],
-                              swap=o["swap"])
+                              swap=o.get("swap", True))
     return prompts, sampling, settings
 
 
@@ -301,11 +335,14 @@ def evaluate(variants, address, **o):
 @main.command()
 @click.option("--sft", required=True, metavar="SRC", help="The SFT checkpoint.")
 @click.option("--aligned", required=True, metavar="SRC", help="The aligned checkpoint.")
-@click.option("--alpha", "alphas", default=DEFAULT_ALPHAS, show_default=True, metavar="LIST", help=ALPHA_RULE)
+@click.option("--alpha", "alphas", default=DEFAULT_ALPHAS, show_default=True, metavar="LIST",
+              help="Comma-separated alphas to extrapolate and evaluate (alpha 0, the aligned model, is always "
+                   "evaluated). " + ALPHA_RULE)
 @click.option("--out", required=True, metavar="DST", help="Destination of the variants (and the evaluation).")
 @_plan_options
 @_eval_options
-@click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--chunk-mib", default=256, show_default=True, type=click.IntRange(1, 65536),
+              help="Working-memory budget per extrapolation task in MiB.")
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
 def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched, allow_added_rows, allow_nonfinite,
         chunk_mib, address, **o):
@@ -316,7 +353,7 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
 
     plan = make_plan(sft, aligned, parse_alphas(alphas), scales=scales, layer_scales=layer_scales, exclude=exclude,
                      copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows, allow_nonfinite=allow_nonfinite)
-    run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=True)
+    run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=_progress(False))
     _run_evaluation(out, o, address)
 
 
@@ -334,7 +371,7 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
 @click.option("--runner-up", is_flag=True, help="Also materialize the second-best alpha.")
 @click.option("--no-materialize", is_flag=True, help="Only search; write no variant.")
 @_plan_options
-@_eval_options
+@functools.partial(_eval_options, skip=("swap", "include_sft", "eval_out"))  # one swapping engine; DST/search/
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
 def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_materialize, scales, layer_scales,
            exclude, copy_unmatched, allow_added_rows, allow_nonfinite, address, **o):
@@ -386,7 +423,7 @@ def sweep(spec_path, address, check, no_progress):
         check_sweep(spec)
         click.echo(f"{spec_path}: valid; {len(spec.pairs)} pair(s), destination {spec.destination}")
         return
-    board = run_sweep(spec, address=address, show_progress=not no_progress)
+    board = run_sweep(spec, address=address, show_progress=_progress(no_progress))
     for row in board["pairs"]:
         gain = row.get("gain")
         click.echo(f"{row['pair']}: " + (f"best alpha {row['best_alpha']:g}, gain {gain:+.4f} ({row['prompts']})"
@@ -409,13 +446,14 @@ def sweep(spec_path, address, check, no_progress):
 def demo(workdir, alphas, scale, storage, seed, no_progress):
     """The ExPO paper's controlled experiment in miniature: train tiny SFT, DPO and reward models on a
     synthetic task, extrapolate, evaluate with vLLM, and show reward against alpha (CPU only, offline)."""
+    _needs("demo", "torch", "transformers", "vllm")
     from .demo.pipeline import demo_table, finding_lines, run_demo
     from .plan import parse_alphas
 
     grid = parse_alphas(alphas)
     if 0.0 not in grid or len(grid) < 2:
         raise click.UsageError("--alpha must include 0 (the DPO model itself) and at least one other alpha")
-    summary = run_demo(workdir, grid, seed=seed, scale=scale, storage=storage, show_progress=not no_progress)
+    summary = run_demo(workdir, grid, seed=seed, scale=scale, storage=storage, show_progress=_progress(no_progress))
     click.echo("")
     for line in demo_table(summary):
         click.echo(line)

@@ -9,16 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import __version__, hashing, pieces
+from . import CallableModule, __version__, hashing, pieces
 from .checkpoint import INDEX_FILE
 from .destination import check_destination
 from .errors import ExpoError, StorageError
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
-from .modelcard import canonical_command, model_card
+from .modelcard import MERGEKIT_FILE, canonical_command, mergekit_config, model_card
 from .plan import Plan, format_alpha, plan_summary, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options
 from .safetensors_io import read_header
@@ -33,6 +34,7 @@ TASK_BASE_MEMORY = 512 * 1024 * 1024
 TASK_MAX_RETRIES = 3
 ROOT_INDEX = "expo-ray-index.json"
 COMMITTED_BY_OTHER = "already committed by another run"
+MAX_CARD_BYTES = 4 * 1024 * 1024  # the aligned model's README.md, read for its licence
 
 
 @dataclass
@@ -171,9 +173,8 @@ def _commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: 
     for key in plan.aux_files:
         payload[key] = aligned.read_bytes(key, limit=512 * 1024 * 1024)
     summary = plan_summary(plan)
-    payload["README.md"] = model_card(sft=plan.sft_uri, aligned=plan.aligned_uri, alpha=alpha, rules=summary["rules"],
-                                      options=summary["options"], tensors=dict(plan.counts),
-                                      fingerprint=plan.source_fingerprint).encode()
+    payload["README.md"] = model_card(plan, alpha, _source_card(aligned)).encode()
+    payload[MERGEKIT_FILE] = mergekit_config(plan, alpha).encode()
     files += [file_record(variant, key, data, hashes) for key, data in payload.items()]
     existing = read_manifest(variant)
     if existing is not None:  # a committed variant is immutable
@@ -223,12 +224,21 @@ def _check_unchanged(variant: Storage, key: str, record: dict) -> None:
 def _committed_by_other(variant: Storage, existing: dict, fingerprint: str, files: list[dict]) -> str:
     """The outcome when another run committed `variant` first: fine if it holds exactly our bytes."""
     def content(records):
-        return sorted((r.get("path"), r.get("size"), r.get("sha256")) for r in records if isinstance(r, dict))
+        return sorted((r.get("path"), r.get("size"), *(r.get(n) for n in hashing.ALGORITHMS))
+                      for r in records if isinstance(r, dict))
     if existing.get("fingerprint") == fingerprint and content(existing["files"]) == content(files):
         log.info("%s: already committed by another run with the same inputs and settings", variant.describe())
         return COMMITTED_BY_OTHER
     raise ExpoError(f"{variant.describe()}: committed meanwhile by another run with other inputs or settings "
                     "(its manifest differs); nothing of this run was committed there; choose another --out")
+def _source_card(aligned: Storage) -> str:
+    """The aligned model's README.md (its licence goes into the variants' cards), or ''."""
+    try:
+        if aligned.exists("README.md"):
+            return aligned.read_bytes("README.md", limit=MAX_CARD_BYTES).decode("utf-8", "replace")
+    except StorageError as exc:
+        log.warning("%s: not read (%s); the variant's card names no licence", aligned.describe("README.md"), exc)
+    return ""
 
 
 def write_root_index(out: Storage) -> None:
@@ -253,3 +263,7 @@ def write_root_index(out: Storage) -> None:
     index = {"format": "expo-ray.index/1", "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "variants": entries}
     out.write_bytes(ROOT_INDEX, (json.dumps(index, indent=2) + "\n").encode())
+
+
+# Called, `expo_ray.extrapolate(sft, aligned, alphas, out, ...)` runs expo_ray.api.extrapolate.
+sys.modules[__name__].__class__ = CallableModule

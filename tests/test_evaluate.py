@@ -49,7 +49,16 @@ def test_generation_scoring_report_and_cache(setting):
     assert [r["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
     assert all(set(r) == {"prompt_id", "prompt", "output", "tokens", "finish_reason", "reward"} for r in rows)
     alpaca = json.loads((out / "responses" / "alpha_0.5.alpaca_eval.json").read_text())
-    assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"} and alpaca[0]["generator"] == "expo-alpha_0.5"
+    assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"} 
+    # Each engine's own output is in a file under the evaluation output, not on the console.
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert "reward.log" in logs and any(n.startswith("generation-") for n in logs), sorted(logs)
+    assert str(reward) in logs["reward.log"], logs["reward.log"][-2000:]
+    # AlpacaEval generator names: the aligned model's folder name ("aligned" here), per alpha.
+    generators = {label: json.loads((out / "responses" / f"{label}.alpaca_eval.json").read_text())[0]["generator"]
+                  for label in ("sft", "alpha_0.0", "alpha_0.5", "alpha_2.0")}
+    assert generators == {"sft": "sft", "alpha_0.0": "aligned", "alpha_0.5": "aligned-expo-alpha0.5",
+                          "alpha_2.0": "aligned-expo-alpha2.0"}, generators
 
     # Rewards are the reward model's raw logits on the conversation rendered with ITS chat template.
     tok = AutoTokenizer.from_pretrained(reward)
@@ -61,8 +70,11 @@ def test_generation_scoring_report_and_cache(setting):
             logit = model(torch.tensor([ids])).logits[0, 0].item()
         assert abs(logit - r["reward"]) < 1e-4, (logit, r["reward"])
 
-    again = evaluate_variants(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
-                              out_uri=str(root / "eval"), include_sft=True)
+    # The same evaluation through the top-level API finds everything cached.
+    import expo_ray
+
+    again = expo_ray.evaluate(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, out=str(root / "eval"),
+                              include_sft=True, dtype=SETTINGS.dtype, max_model_len=SETTINGS.max_model_len)
     assert again["generated"] == [] and again["scored"] == [] and not again["work_done"]
     assert again["results"] == report["results"]
 

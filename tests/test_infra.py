@@ -3,8 +3,8 @@
 Where every schema comes from (also named in each assertion message):
 
 - KubeRay objects (RayCluster, RayJob, RayCronJob; ray.io/v1): the CustomResourceDefinitions in
-  ``../shared/schemas/kuberay/`` (KubeRay repository, ray-operator/config/crd/bases, commit
-  feeaf72, v1.7.0 line; see ../shared/schemas/README.md). The served version's
+  ``tests/schemas/kuberay/`` (KubeRay repository, ray-operator/config/crd/bases, commit
+  feeaf72, v1.7.0 line, Apache-2.0; see tests/schemas/README.md). The served version's
   ``openAPIV3Schema`` is used with jsonschema's Draft 4 validator (OpenAPI 3.0 schemas are a
   Draft 4/5 dialect; ``x-kubernetes-*`` extensions and CEL rules are not evaluated). Every object
   schema that lists ``properties`` is made closed (``additionalProperties: false``, unless it
@@ -41,8 +41,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 KUBERAY = INFRA / "kuberay"
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
-KUBERAY_SCHEMA_SOURCE = "KubeRay CRD ../shared/schemas/kuberay (v1.7.0 line, commit feeaf72)"
+KUBERAY_SCHEMAS = REPO / "tests" / "schemas" / "kuberay"
+KUBERAY_SCHEMA_SOURCE = "KubeRay CRD tests/schemas/kuberay (v1.7.0 line, commit feeaf72)"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml"}
 K8S_VERSIONS = ("1.30.0", "1.34.0")
@@ -215,7 +215,7 @@ def _closed(schema):
 def _crd_validator(kind: str, version: str) -> jsonschema.Draft4Validator:
     path = KUBERAY_SCHEMAS / CRD_FILES[kind]
     if not path.is_file():
-        pytest.fail(f"{path} is missing: the KubeRay CRDs live in shared/schemas beside the repository")
+        pytest.fail(f"{path} is missing: the KubeRay CRDs live in tests/schemas/kuberay")
     crd = yaml.load(path.read_text(), Loader=_Loader)
     assert crd["spec"]["names"]["kind"] == kind, f"{path}: CRD for {crd['spec']['names']['kind']}, not {kind}"
     served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
@@ -872,23 +872,8 @@ def _cli_commands() -> list[tuple[str, list[str]]]:
     return [(f"{where}:{line_no}", list(argv)) for (where, argv), line_no in found.items()]
 
 
-def _sweep_missing() -> bool:
-    try:
-        from expo_ray.cli import main
-    except Exception:  # noqa: BLE001 - a broken CLI import fails test_cli_command_parses itself
-        return True
-    return "sweep" not in main.commands
-
-
 def _cli_params():
-    params = []
-    for where, argv in _cli_commands():
-        subcommand = next((a for a in argv if not a.startswith("-")), None)
-        marks = []
-        if subcommand == "sweep":
-            marks = [pytest.mark.xfail(_sweep_missing(), reason="expo-ray sweep not implemented yet", strict=False)]
-        params.append(pytest.param(argv, id=f"{where} expo-ray {' '.join(argv)[:60]}", marks=marks))
-    return params
+    return [pytest.param(argv, id=f"{where} expo-ray {' '.join(argv)[:60]}") for where, argv in _cli_commands()]
 
 
 def test_cli_commands_found():

@@ -18,6 +18,8 @@ engine binds its OpenMP threads to cores itself, whatever ``OMP_NUM_THREADS`` Ra
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import time
 from dataclasses import asdict
 from typing import Any, Sequence
@@ -26,6 +28,40 @@ from .models import local_copy, local_path
 from .vllm_engine import Generation, GenerationEngine, RewardEngine, SamplingSettings, vllm_version
 
 __all__ = ["GenerationActor", "RewardActor", "generation_actor", "reward_actor"]
+
+
+ENGINE_LOGS_ENV = "EXPO_RAY_ENGINE_LOGS"  # "live": engine output stays on the console (expo-ray -v)
+
+
+class EngineLog:
+    """This actor's stdout and stderr, and so its engine's (vLLM's worker processes inherit them),
+    go to a file on this node, copied to ``uri`` when the engine closes. Nothing is redirected
+    without a ``uri`` or when the logs are live."""
+
+    def __init__(self, uri: str | None):
+        self.uri, self.path, self.saved = uri, None, []
+        if not uri or os.environ.get(ENGINE_LOGS_ENV) == "live":
+            return
+        fd, self.path = tempfile.mkstemp(prefix="expo-ray-engine-", suffix=".log")
+        sys.stdout.flush(), sys.stderr.flush()
+        self.saved = [os.dup(1), os.dup(2)]
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        os.close(fd)
+
+    def close(self) -> None:
+        if self.path is None:
+            return
+        from ..storage import open_storage
+
+        sys.stdout.flush(), sys.stderr.flush()
+        for target, saved in zip((1, 2), self.saved):
+            os.dup2(saved, target)
+            os.close(saved)
+        folder, _, name = self.uri.rstrip("/").rpartition("/")
+        with open(self.path, "rb") as f:
+            open_storage(folder).write_bytes(name, f.read())
+        os.unlink(self.path)
+        self.path = None
 
 
 def _sampling(sampling: SamplingSettings | dict | None) -> SamplingSettings:
@@ -45,10 +81,11 @@ class _EngineActor:
                 "pid": os.getpid()}
 
     def close(self) -> None:
-        """Stop the engine (its processes exit); the actor can then be killed or dropped."""
+        """Stop the engine (its processes exit) and store its log; the actor can then be killed."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        self.log.close()
 
 
 class GenerationActor(_EngineActor):
@@ -60,7 +97,9 @@ class GenerationActor(_EngineActor):
     checkpoint, :meth:`serve_extrapolated` computes theta(alpha) in the engine's workers.
     """
 
-    def __init__(self, model_path: str, identity: str | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model_path: str, identity: str | None = None, log_uri: str | None = None,
+                 **engine_kwargs: Any) -> None:
+        self.log = EngineLog(log_uri)
         # With an identity, model_path may be remote (s3://, hf://): copied to this node's disk once.
         self.model_path = local_copy(model_path, identity) if identity else str(model_path)
         self.identity = identity
@@ -111,7 +150,9 @@ class GenerationActor(_EngineActor):
 class RewardActor(_EngineActor):
     """One :class:`~expo_ray.evaluate.vllm_engine.RewardEngine`; :meth:`score` gives raw logits."""
 
-    def __init__(self, model_path: str, identity: str | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model_path: str, identity: str | None = None, log_uri: str | None = None,
+                 **engine_kwargs: Any) -> None:
+        self.log = EngineLog(log_uri)
         self.model_path = local_copy(model_path, identity) if identity else str(model_path)
         began = time.perf_counter()
         self.engine = RewardEngine(self.model_path, **engine_kwargs)

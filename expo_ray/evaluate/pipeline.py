@@ -14,12 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 
 from ..errors import ExpoError
+from ..plan import format_alpha
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import Storage, open_storage
+from .actors import ENGINE_LOGS_ENV
 from .aggregate import Scored, summarize
 from .models import ModelRef, checkpoint_identity, local_path, models_to_evaluate
 from .prompts import PromptSet
@@ -56,14 +59,15 @@ def engine_kwargs(placement, settings: EngineSettings) -> dict:
     return {**kwargs, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
 
 
-def start_reward_actor(reward_model: str, settings: EngineSettings, use_gpu: bool):
-    """A reward actor for ``reward_model`` (a remote one is copied to its node's disk once)."""
+def start_reward_actor(reward_model: str, settings: EngineSettings, use_gpu: bool, log_uri: str | None = None):
+    """A reward actor for ``reward_model`` (a remote one is copied to its node's disk once); its
+    engine's output goes to ``log_uri`` when given."""
     from .actors import reward_actor
     from .placement import plan_engine
 
     placement = plan_engine(settings.reward_tp, use_gpu=use_gpu)
     return reward_actor().options(**task_options(**placement.actor_options)).remote(
-        reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None,
+        reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None, log_uri=log_uri,
         **engine_kwargs(placement, settings))
 
 
@@ -84,7 +88,8 @@ def _engines_that_fit(ray, settings: EngineSettings, use_gpu: bool) -> int:
     return max(1, engines_that_fit(settings.tp, gpus, use_gpu))
 
 
-def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, save) -> None:
+def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, save,
+                  log_dir: str | None = None) -> None:
     """Up to max_engines engines; each result is saved as it arrives.
 
     With ``settings.swap`` an engine that finished one model loads the next model's weights in
@@ -99,14 +104,18 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
     kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=settings.swap)
     default = _engines_that_fit(ray, settings, use_gpu) if settings.swap else len(todo)
     n_engines = max(1, min(len(todo), settings.max_engines or default))
-    queue, running = list(todo), {}
+    queue, running, began, started = list(todo), {}, {}, []
 
     def start(m: ModelRef):
-        return generation_actor().options(**task_options(**placement.actor_options)).remote(m.uri, m.identity, **kwargs)
+        started.append(m)
+        log_uri = f"{log_dir}/generation-{len(started)}.log" if log_dir else None
+        return generation_actor().options(**task_options(**placement.actor_options)).remote(
+            m.uri, m.identity, log_uri=log_uri, **kwargs)
 
     def submit(m: ModelRef, actor, swap: bool) -> None:
         served = actor.serve.remote(m.uri, m.identity) if swap else None
-        running[actor.generate.remote(texts, sampling)] = (m, actor, served)
+        ref = actor.generate.remote(texts, sampling)
+        running[ref], began[ref] = (m, actor, served), time.perf_counter()
 
     try:
         while queue and len(running) < n_engines:
@@ -125,8 +134,12 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
                     _stop(ray, actor)
                     submit(m, start(m), False)
                     continue
-            save(m, ray.get(done[0]))
-            log.info("generated %s (%d answers)", m.label, len(texts))
+            generations = ray.get(done[0])
+            save(m, generations)
+            tokens, seconds = sum(g["tokens"] for g in generations), time.perf_counter() - began.pop(done[0])
+            log.info("generated %s: %d answers, %d tokens in %.0f s (%.0f tokens/s); %d of %d models done",
+                     m.label, len(texts), tokens, seconds, tokens / max(seconds, 1e-9), len(todo) - len(queue) - len(running),
+                     len(todo))
             if queue and settings.swap:
                 submit(queue.pop(0), actor, True)
             else:
@@ -163,32 +176,39 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     log.info("evaluating %d model(s) on %d prompts (%s); %d need generation, the rest are cached",
              len(models), len(texts), prompts.name, len(todo))
 
-    ray = ensure_ray(address)
-    use_gpu = uses_gpus(ray, settings)
-    if todo:
-        _generate_all(ray, todo, texts, sampling, settings, use_gpu,
-                      lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode()))
-
     reward_keys = {m.label: _key(gen_keys[m.label], reward_id) for m in models}
     to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
+    ray = ensure_ray(address)
+    use_gpu = uses_gpus(ray, settings)
+    log_dir = f"{out.uri.rstrip('/')}/logs"
+    if (todo or to_score) and os.environ.get(ENGINE_LOGS_ENV) != "live":
+        log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", log_dir)
+    if todo:
+        _generate_all(ray, todo, texts, sampling, settings, use_gpu,
+                      lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode()),
+                      log_dir)
+
     if to_score:
-        scorer = start_reward_actor(reward_model, settings, use_gpu)
+        scorer = start_reward_actor(reward_model, settings, use_gpu, f"{log_dir}/reward.log")
         try:
-            for m in to_score:
+            for i, m in enumerate(to_score, 1):
                 generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
+                t0 = time.perf_counter()
                 rewards = ray.get(scorer.score.remote(texts, [g["output"] for g in generations]))
                 out.write_bytes(f"cache/rewards-{reward_keys[m.label]}.json", json.dumps(rewards).encode())
-                log.info("scored %s", m.label)
+                log.info("scored %s: %d answers in %.0f s; %d of %d models done", m.label, len(texts),
+                         time.perf_counter() - t0, i, len(to_score))
         finally:
             _stop(ray, scorer)
 
     results, alphas = {}, {}
+    aligned_uri = _aligned_uri(models)
     for m in models:
         generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
         rewards = _read_json(out, f"cache/rewards-{reward_keys[m.label]}.json")
         if generations is None or rewards is None or len(rewards) != len(generations) != len(texts):
             raise ExpoError(f"{out.describe()}: results for {m.label} are incomplete")
-        _write_responses(out, m, prompts, generations, rewards)
+        _write_responses(out, m, prompts, generations, rewards, generator_name(m, aligned_uri))
         results[m.label] = [Scored(p.id, r, g["tokens"], g["finish_reason"])
                             for p, g, r in zip(prompts.prompts, generations, rewards)]
         alphas[m.label] = m.alpha
@@ -206,12 +226,39 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     return report
 
 
-def _write_responses(out: Storage, m: ModelRef, prompts: PromptSet, generations: list[dict], rewards: list[float]):
+def _aligned_uri(models: list[ModelRef]) -> str:
+    """Where the aligned model came from: a variant's manifest says; else the alpha-0 model is it."""
+    from ..manifest import read_manifest
+
+    for m in models:
+        if m.alpha:
+            manifest = read_manifest(open_storage(m.uri))
+            if manifest:
+                return manifest["sources"]["aligned"]
+    return next((m.uri for m in models if m.alpha == 0.0), "")
+
+
+def model_name(uri: str) -> str:
+    """The last part of a model's location, without a revision: hf://org/zephyr-7b-beta@abc -> zephyr-7b-beta."""
+    return uri.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+
+
+def generator_name(m: ModelRef, aligned_uri: str) -> str:
+    """AlpacaEval's `generator`: the aligned model's name, with -expo-alpha<alpha> for a variant
+    (alpha 0 is the aligned model itself); the SFT model's own name."""
+    if m.alpha is None:
+        return model_name(m.uri)
+    name = model_name(aligned_uri)
+    return name if m.alpha == 0.0 else f"{name}-expo-alpha{format_alpha(m.alpha)}"
+
+
+def _write_responses(out: Storage, m: ModelRef, prompts: PromptSet, generations: list[dict], rewards: list[float],
+                     generator: str):
     """responses/LABEL.jsonl and the AlpacaEval-format responses/LABEL.alpaca_eval.json."""
     lines = [json.dumps({"prompt_id": p.id, "prompt": p.text, "output": g["output"], "tokens": g["tokens"],
                          "finish_reason": g["finish_reason"], "reward": r})
              for p, g, r in zip(prompts.prompts, generations, rewards)]
     out.write_bytes(f"responses/{m.label}.jsonl", ("\n".join(lines) + "\n").encode())
-    alpaca = [{"instruction": p.text, "output": g["output"], "generator": f"expo-{m.label}",
+    alpaca = [{"instruction": p.text, "output": g["output"], "generator": generator,
                "dataset": p.dataset or prompts.name} for p, g in zip(prompts.prompts, generations)]
     out.write_bytes(f"responses/{m.label}.alpaca_eval.json", json.dumps(alpaca, indent=1).encode())
