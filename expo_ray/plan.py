@@ -220,14 +220,16 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     and template file: two fine-tunes of one architecture have identical headers, and an edited
     config or chat template is another model."""
     shards = list(ckpt.headers)
-    files = shards + ckpt.aux_files()
+    # README.md too: the variants' cards carry over its licence.
+    side = ckpt.aux_files() + (["README.md"] if "README.md" in ckpt.files else [])
+    files = shards + side
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
         versions = dict(zip(files, pool.map(ckpt.storage.version, files)))
     h = hashlib.sha256()
     for shard, header in ckpt.headers.items():
         h.update(json.dumps([shard, header.file_size, versions[shard],
                              [[t.name, t.dtype, list(t.shape), t.start] for t in header.tensors]]).encode())
-    for key in ckpt.aux_files():
+    for key in side:
         h.update(json.dumps([key, versions[key]]).encode())
     return h.hexdigest()
 

@@ -49,7 +49,7 @@ def aligned_with_side_files(bf16_pair, tmp_path_factory):
 
 def test_card_loads_with_hub_metadata_and_side_files_are_copied(ray_local, aligned_with_side_files, tmp_path):
     sft_dir, aligned_dir = aligned_with_side_files
-    extrapolate(str(sft_dir), str(aligned_dir), (0.3,), str(tmp_path), show_progress=False, command="expo-ray run ...")
+    extrapolate(str(sft_dir), str(aligned_dir), (0.3,), str(tmp_path), show_progress=False)
     variant = tmp_path / "alpha_0.3"
     for name in ("LICENSE.txt", "NOTICE", "USE_POLICY.md", "modeling_custom.py"):
         assert (variant / name).read_bytes() == (aligned_dir / name).read_bytes(), name
@@ -60,7 +60,7 @@ def test_card_loads_with_hub_metadata_and_side_files_are_copied(ray_local, align
     assert {"merge", "expo"} <= set(data["tags"])
     # Local folders are not Hub ids: the card names no base_model rather than a path.
     assert "base_model" not in data and "base_model_relation" not in data, data
-    assert "alpha = 0.3" in card.text and "expo-ray run ..." in card.text
+    assert "alpha = 0.3" in card.text and "expo-ray extrapolate --sft" in card.text
     # The manifest covers the new files.
     listed = {f["path"] for f in json.loads((variant / "manifest.json").read_text())["files"]}
     assert {"LICENSE.txt", "NOTICE", "USE_POLICY.md", "modeling_custom.py", MERGEKIT_FILE, "README.md"} <= listed
@@ -69,7 +69,7 @@ def test_card_loads_with_hub_metadata_and_side_files_are_copied(ray_local, align
 def test_card_lists_both_hub_parents_as_a_merge(bf16_pair, tmp_path):
     sft_dir, aligned_dir = bf16_pair
     plan = dataclasses.replace(make_plan(str(sft_dir), str(aligned_dir), (0.5,)), aligned_uri=ZEPHYR, sft_uri=ZEPHYR_SFT)
-    (tmp_path / "README.md").write_text(model_card(plan, 0.5, None, SOURCE_CARD))
+    (tmp_path / "README.md").write_text(model_card(plan, 0.5, SOURCE_CARD))
     data = ModelCard.load(tmp_path / "README.md").data.to_dict()
     assert data["base_model"] == ["HuggingFaceH4/zephyr-7b-beta", "HuggingFaceH4/mistral-7b-sft-beta"]
     for repo in data["base_model"]:
