@@ -4,6 +4,8 @@ run reads each input byte once, and the variants equal those of the same run on 
 from __future__ import annotations
 
 import filecmp
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,24 @@ def test_gated_model_needs_hf_token(online, many_shard_pair, monkeypatch):
         assert online.token not in store.describe("config.json")
     finally:
         online.token = None
+
+
+def test_evaluation_snapshots_take_only_what_vllm_loads(online, many_shard_pair, tmp_path):
+    from expo_ray.evaluate.models import local_copy, model_config
+
+    _, aligned = many_shard_pair
+    repo = tmp_path / "llama3-like"
+    shutil.copytree(aligned, repo)
+    (repo / "original").mkdir()
+    for junk in ("original/consolidated.00.pth", "pytorch_model.bin", "consolidated.safetensors"):
+        (repo / junk).write_bytes(b"\0" * 100_000)
+    (repo / "chat_template.jinja").write_text("{{ messages }}")
+    online.add("org/llama3-like", repo)
+    online.reset_counts()  # a reward model's config: read through storage, not by copying the model
+    assert model_config("hf://org/llama3-like") == json.loads((aligned / "config.json").read_text())
+    assert online.bytes_served() == (aligned / "config.json").stat().st_size
+    folder = Path(local_copy("hf://org/llama3-like", "unused-for-hub"))
+    got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    wanted = {p.name for p in aligned.iterdir()} | {"chat_template.jinja"}
+    assert got == sorted(wanted), f"snapshot holds {got}"
+    assert online.bytes_served(suffix=".pth") == online.bytes_served(suffix=".bin") == 0

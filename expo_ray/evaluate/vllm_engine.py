@@ -452,10 +452,11 @@ class GenerationEngine(_Engine):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_reward_model(model_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Return the config of ``model_path`` if it is a one-label sequence classifier (a reward
-    model whose raw logit is the reward); raise :class:`NotARewardModel` naming it otherwise."""
-    cfg = read_model_config(model_path, trust_remote_code)
+def check_reward_model(model_path: str, trust_remote_code: bool = False, config: dict | None = None) -> dict[str, Any]:
+    """Return the config of ``model_path`` (or ``config``, already read) if it is a one-label
+    sequence classifier (a reward model whose raw logit is the reward); raise
+    :class:`NotARewardModel` naming it otherwise."""
+    cfg = config if config is not None else read_model_config(model_path, trust_remote_code)
     archs = [str(a) for a in (cfg.get("architectures") or [])]
     if not archs or not all(a.endswith("ForSequenceClassification") for a in archs):
         raise NotARewardModel(
