@@ -92,12 +92,13 @@ class ModelCache:
         self.root = Path(root) if root is not None else default_root()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / LEASES).mkdir(exist_ok=True)
-        self._cap = cap_bytes if cap_bytes is not None else configured_cap()
+        self._cap = cap_bytes
 
     @property
     def cap(self) -> int:
-        if self._cap is not None:
-            return self._cap
+        configured = self._cap if self._cap is not None else configured_cap()
+        if configured is not None:
+            return configured
         disk = shutil.disk_usage(self.root)
         return max(0, self.used() + disk.free - max(GiB, disk.total // 20))
 

@@ -16,7 +16,7 @@ from ..extrapolate import ROOT_INDEX
 from ..manifest import MANIFEST_FILE, find_variants, read_manifest, verify_variant
 from ..plan import checkpoint_fingerprint, variant_name
 from ..storage import open_storage
-from .model_cache import ModelCache
+from .model_cache import ModelCache, default_root
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,9 @@ def local_copy(uri: str, identity: str, cache_dir: str | None = None) -> str:
 def release_copy(path: str) -> None:
     """This process no longer serves the model at ``path`` (a folder :func:`local_copy` returned):
     the model cache may evict it."""
-    cache = ModelCache()
-    if Path(path).parent.resolve() == cache.root.resolve():
-        cache.release(path)
+    root = default_root()
+    if root.is_dir() and Path(path).parent.resolve() == root.resolve():
+        ModelCache(root).release(path)
 
 
 def model_config(uri: str) -> dict | None:
