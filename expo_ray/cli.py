@@ -281,6 +281,12 @@ def _eval_options(f, skip: tuple[str, ...] = ()):
                      type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="vLLM dtype of the engines."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow model code from the checkpoints to run (off by default)."),
+        click.option("--model-cache", envvar="EXPO_RAY_MODEL_CACHE", default=None, metavar="DIR",
+                     help="Folder on each node for local copies of remote models (an NVMe volume on clusters; "
+                          "default: $TMPDIR/expo-ray-models)."),
+        click.option("--model-cache-gb", envvar="EXPO_RAY_MODEL_CACHE_GB", type=click.FloatRange(0, min_open=True),
+                     default=None, help="Cap of that folder in GiB; least recently used models no engine uses are "
+                                        "evicted (default: the cache plus the disk's free space, less a reserve)."),
         click.option("--eval-out", default=None, metavar="DST",
                      help="Where responses, rewards and the report go (default: VARIANTS/eval/<set>-<id>)."),
     ]
@@ -293,8 +299,15 @@ def _eval_options(f, skip: tuple[str, ...] = ()):
 def _eval_inputs(o):
     """Prompts, sampling and engine settings from the evaluation options."""
     _needs("vllm", "transformers", "vllm")
+    import os
+
     from .evaluate.pipeline import EngineSettings
     from .evaluate.prompts import load_prompts
+
+    # Engines read these where they run: Ray actors get the driver's EXPO_RAY_* settings.
+    for key, value in (("EXPO_RAY_MODEL_CACHE", o["model_cache"]), ("EXPO_RAY_MODEL_CACHE_GB", o["model_cache_gb"])):
+        if value is not None:
+            os.environ[key] = str(value)
 
     prompts = load_prompts(o["prompt_spec"], field=o["prompt_field"], limit=o["limit"], sample=o["sample"],
                            seed=o["sample_seed"])

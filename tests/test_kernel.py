@@ -108,7 +108,7 @@ def is_nan_bits(dtype, bits):
 # ----------------------------------------------------------------------------------------------
 # backends
 
-BACKENDS = ["numpy", "c"]
+BACKENDS = ["numpy", "c", "torch"]
 C_MISSING = None if kernel._ckernel is not None else (
     f"C extension expo_ray._kernel is not built ({kernel._C_IMPORT_ERROR}); "
     "run `python setup.py build_ext --inplace` to test it")
@@ -119,10 +119,20 @@ def run(backend, dtype, a1, a0, alphas):
         pytest.skip(C_MISSING)
     outs = [np.full(len(a1), 0x5A5A5A5A5A5A5A5A & np.iinfo(a1.dtype).max, dtype=a1.dtype) for _ in alphas]
     kernel._check(dtype, a1, a0, alphas, outs)
-    impl = kernel._numpy_extrapolate_into if backend == "numpy" else kernel._c_extrapolate_into
+    impl = {"numpy": kernel._numpy_extrapolate_into, "c": kernel._c_extrapolate_into, "torch": _torch_into}[backend]
     if len(a1) and alphas:
         impl(dtype, a1, a0, [float(a) for a in alphas], outs)
     return outs
+
+
+def _torch_into(dtype, a1, a0, alphas, outs):
+    """expo_ray.kernel_torch on CPU tensors (the computation a GPU engine would run on its device)."""
+    from expo_ray import kernel_torch
+
+    signed = {2: np.int16, 4: np.int32, 8: np.int64}[a1.itemsize]
+    t1, t0 = torch.from_numpy(a1.view(signed).copy()), torch.from_numpy(a0.view(signed).copy())
+    for alpha, out in zip(alphas, outs):
+        out[:] = kernel_torch.extrapolate(dtype, t1, t0, alpha).numpy().view(a1.dtype)
 
 
 @functools.lru_cache(maxsize=256)

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from .models import local_copy, local_path
+from .models import local_copy, local_path, release_copy
 from .vllm_engine import Generation, GenerationEngine, RewardEngine, SamplingSettings, vllm_version
 
 __all__ = ["GenerationActor", "RewardActor", "generation_actor", "reward_actor"]
@@ -85,6 +85,7 @@ class _EngineActor:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            release_copy(self.model_path)
         self.log.close()
 
 
@@ -118,7 +119,13 @@ class GenerationActor(_EngineActor):
         if identity is not None and identity == self.identity:
             return {"seconds": 0.0}
         path = local_copy(model_uri, identity) if identity else str(model_uri)
-        result = self.engine.swap_weights(folder_source(path))
+        try:
+            result = self.engine.swap_weights(folder_source(path))
+        except BaseException:
+            release_copy(path)
+            raise
+        if path != self.model_path:
+            release_copy(self.model_path)  # the model cache may evict it now
         self.identity, self.model_path = identity, path
         return result
 

@@ -7,8 +7,6 @@ included; the SFT model optionally.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +15,8 @@ from ..errors import ExpoError
 from ..extrapolate import ROOT_INDEX
 from ..manifest import MANIFEST_FILE, find_variants, read_manifest, verify_variant
 from ..plan import checkpoint_fingerprint, variant_name
-from ..storage import LocalStorage, open_storage
-
-CACHE_DIR = os.environ.get("EXPO_RAY_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "expo-ray-models")
+from ..storage import open_storage
+from .model_cache import ModelCache, default_root
 
 
 @dataclass(frozen=True)
@@ -71,31 +68,47 @@ def local_path(uri: str) -> str:
     return local_copy(uri, checkpoint_identity(uri)) if "://" in uri else uri
 
 
-def local_copy(uri: str, identity: str, cache_dir: str = CACHE_DIR) -> str:
+def snapshot_patterns(uri: str) -> list[str]:
+    """What vLLM needs of a Hub model: its safetensors shards (those its index names, not a
+    ``consolidated.safetensors`` beside them), JSON files, tokenizer and vocabulary files, chat
+    templates; never ``*.bin`` or ``original/*.pth``."""
+    ckpt = Checkpoint.open(uri, require_config=False)  # headers only
+    return ckpt.shards + ["*.json", "*.jinja", "tokenizer*", "vocab*", "merges.txt", "*.tiktoken"]
+
+
+def local_copy(uri: str, identity: str, cache_dir: str | None = None) -> str:
     """A local folder with the model at `uri` (vLLM loads from local disk): local paths as they are,
-    hf:// through the Hugging Face cache, s3:// copied once into `cache_dir` (keyed by identity)."""
+    hf:// through the Hugging Face cache (only the files vLLM needs), s3:// copied into the bounded
+    local model cache (:mod:`.model_cache`, keyed by identity; this process holds a lease on it)."""
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
-        from ..storage.hub import cache_dir as hf_cache_dir, offline, parse_hf_uri
+        from ..storage.hub import cache_dir as hf_cache_dir, endpoint, offline, parse_hf_uri
 
         repo, revision = parse_hf_uri(uri)
-        return snapshot_download(repo, revision=revision, cache_dir=hf_cache_dir(), local_files_only=offline())
-    target = Path(cache_dir) / identity[:32]
-    done = target / ".complete"
-    if done.exists():
-        return str(target)
-    src = open_storage(uri)
-    dst = LocalStorage(target)
-    for key in src.list():
-        if key.startswith(".expo-ray/") or key == ROOT_INDEX:
-            continue
-        with src.open_reader(key) as r, dst.open_writer(key) as w:
-            step = 64 * 1024 * 1024
-            for offset in range(0, r.size, step):
-                w.write(r.read(offset, min(step, r.size - offset)))
-            w.commit()
-    done.write_text(identity)
-    return str(target)
+        return snapshot_download(repo, revision=revision, cache_dir=hf_cache_dir(), local_files_only=offline(),
+                                 allow_patterns=snapshot_patterns(uri), endpoint=endpoint())
+    return ModelCache(cache_dir).checkout(uri, identity, skip=lambda key: key.startswith(".expo-ray/") or key == ROOT_INDEX)
+
+
+def release_copy(path: str) -> None:
+    """This process no longer serves the model at ``path`` (a folder :func:`local_copy` returned):
+    the model cache may evict it."""
+    root = default_root()
+    if root.is_dir() and Path(path).parent.resolve() == root.resolve():
+        ModelCache(root).release(path)
+
+
+def model_config(uri: str) -> dict | None:
+    """``config.json`` of a remote model read through storage (no copy of the model); None for a
+    local folder (read there)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return None
+    from ..checkpoint import read_json
+
+    store = open_storage(uri)
+    if not store.exists("config.json"):
+        raise ExpoError(f"{store.describe('config.json')}: missing; a model folder needs its config.json")
+    return read_json(store, "config.json")

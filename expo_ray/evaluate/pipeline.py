@@ -24,7 +24,7 @@ from ..ray_runtime import ensure_ray, task_options
 from ..storage import Storage, open_storage
 from .actors import ENGINE_LOGS_ENV
 from .aggregate import Scored, summarize
-from .models import ModelRef, checkpoint_identity, local_path, models_to_evaluate
+from .models import ModelRef, checkpoint_identity, model_config, models_to_evaluate
 from .prompts import PromptSet
 from .report import write_report
 
@@ -165,7 +165,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     began = time.perf_counter()
     sampling = asdict(SamplingSettings(**sampling))
     models = models_to_evaluate(variants_uri, include_sft)
-    check_reward_model(local_path(reward_model), settings.trust_remote_code)  # before any engine starts
+    check_reward_model(reward_model, settings.trust_remote_code, model_config(reward_model))  # before any engine starts
     reward_id = checkpoint_identity(reward_model)
     eval_id = _key(prompts.fingerprint, sampling, reward_id)[:12]
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")

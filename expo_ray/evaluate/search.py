@@ -25,7 +25,7 @@ from ..errors import ExpoError
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import open_storage
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
-from .models import checkpoint_identity, local_path
+from .models import checkpoint_identity, model_config
 from .pipeline import EngineSettings, _stop, engine_kwargs, start_reward_actor, uses_gpus
 from .prompts import PromptSet
 
@@ -94,7 +94,7 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     # Everything that can be refused is checked before any engine starts.
     search_settings(search.grid, len(prompts.prompts), search.budget, search.initial_prompts)
     make_plan(sft, aligned, (1.0,), **plan_options)
-    check_reward_model(local_path(reward_model), settings.trust_remote_code)
+    check_reward_model(reward_model, settings.trust_remote_code, model_config(reward_model))
     sampling = asdict(SamplingSettings(**sampling))
     order = list(range(len(prompts.prompts)))
     random.Random(search.shuffle_seed).shuffle(order)

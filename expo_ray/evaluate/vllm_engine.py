@@ -411,6 +411,13 @@ class GenerationEngine(_Engine):
         self.serving = dict(source)
         return {"ranks": ranks, "seconds": max(r["seconds"] for r in ranks)}
 
+    def weight_digests(self) -> list[dict]:
+        """Per tensor-parallel rank, the sha256 of each parameter it holds (engines started with
+        ``swappable=True``): two engines hold the same weights when these are equal."""
+        if not self.swappable:
+            raise EngineError(f"the engine for {self.model_path} was started without swappable=True")
+        return self._llm.collective_rpc("expo_param_digests")
+
     def render(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt as one user message under the model's chat template, with
         the assistant turn opened (``add_generation_prompt=True``)."""
@@ -452,10 +459,11 @@ class GenerationEngine(_Engine):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_reward_model(model_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Return the config of ``model_path`` if it is a one-label sequence classifier (a reward
-    model whose raw logit is the reward); raise :class:`NotARewardModel` naming it otherwise."""
-    cfg = read_model_config(model_path, trust_remote_code)
+def check_reward_model(model_path: str, trust_remote_code: bool = False, config: dict | None = None) -> dict[str, Any]:
+    """Return the config of ``model_path`` (or ``config``, already read) if it is a one-label
+    sequence classifier (a reward model whose raw logit is the reward); raise
+    :class:`NotARewardModel` naming it otherwise."""
+    cfg = config if config is not None else read_model_config(model_path, trust_remote_code)
     archs = [str(a) for a in (cfg.get("architectures") or [])]
     if not archs or not all(a.endswith("ForSequenceClassification") for a in archs):
         raise NotARewardModel(

@@ -13,11 +13,14 @@ tensors itself, reading local files:
 :class:`WeightSwapExtension` is mixed into vLLM's worker class (``LLM(...,
 worker_extension_cls=WORKER_EXTENSION)``). It hands the tensors to the worker's own
 ``reload_weights(weights_iterator=...)``, so vLLM's weight loaders do the tensor-parallel sharding
-and post-load processing exactly as at start-up. Each rank computes full tensors and keeps the
-slice its loaders take: at 70B (bf16, TP=8) every swap reads both checkpoints (280 GB, from the
-node's page cache after the first rank) and each rank spends about two minutes of one core in the
-kernel (estimated from its measured 1.64 ns per element), against writing 140 GB to storage and
-starting a new engine.
+and post-load processing exactly as at start-up. With tensor parallelism each rank reads and
+computes only the part of each tensor its layer keeps (see :func:`rank_slices`): rows of the
+column-parallel linears (q/k/v, gate/up) and of the vocabulary-parallel embeddings and lm_head,
+columns of the row-parallel linears (o_proj, down_proj), replicated tensors whole. The slice goes
+to the loader inside a full-shape tensor whose other elements are never touched (an untouched
+allocation costs no memory pages), so the loader's own narrowing picks exactly the computed part.
+A layer type whose sharding is not known here is loaded whole (one log line per swap). At 70B
+(bf16, TP=8) a rank then reads about 2 x 17.6 GB instead of 2 x 140 GB per swap; see docs/scale.md.
 
 :func:`weight_signature` and :func:`signature_problems` are the check made *before* a swap: the
 new weights must have exactly the tensor names, shapes and dtypes of the checkpoint the engine
@@ -25,6 +28,7 @@ was started on, so a mismatched checkpoint is refused while the engine keeps ser
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterator
 
@@ -34,7 +38,9 @@ from .. import kernel
 from ..checkpoint import Checkpoint
 from ..errors import ExpoError
 from ..plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, Plan
-from ..safetensors_io import read_tensor
+from ..safetensors_io import read_rows, read_tensor
+
+log = logging.getLogger("expo_ray")
 
 WORKER_EXTENSION = "expo_ray.evaluate.weight_swap.WeightSwapExtension"
 MAX_LISTED = 10
@@ -122,22 +128,85 @@ def _readers(storage):
     return reader, opened
 
 
-def iter_weights(source: dict) -> Iterator[tuple[str, Any]]:
-    """(name, torch tensor) for every tensor ``source`` gives, one tensor in memory at a time."""
+# A rank's part of a tensor: None (whole), ("rows", start, end) or ("cols", start, end) of a 2-D tensor.
+Slice = tuple[str, int, int] | None
+
+
+def read_part(reader, info, part: Slice) -> bytes:
+    """The bytes of ``part`` of the tensor ``info`` (rows: one range; columns: one range per row)."""
+    if part is None:
+        return read_tensor(reader, info)
+    kind, start, end = part
+    if kind == "rows":
+        return read_rows(reader, info, start, end)
+    rows, width = info.shape[0], (end - start) * info.itemsize
+    return b"".join(reader.read(info.start + r * info.row_bytes + start * info.itemsize, width) for r in range(rows))
+
+
+def _part_shape(shape: tuple[int, ...], part: Slice) -> tuple[int, ...]:
+    if part is None:
+        return tuple(shape)
+    kind, start, end = part
+    return (end - start, *shape[1:]) if kind == "rows" else (shape[0], end - start)
+
+
+def _placed(bits, dtype: str, shape: tuple[int, ...], part: Slice):
+    """A torch tensor of the full ``shape`` holding ``bits`` at ``part`` (the rest never touched)."""
+    import torch
+
+    piece = _to_torch(bits, dtype, _part_shape(shape, part))
+    if part is None:
+        return piece
+    full = torch.empty(shape, dtype=piece.dtype)
+    kind, start, end = part
+    if kind == "rows":
+        full[start:end] = piece
+    else:
+        full[:, start:end] = piece
+    return full
+
+
+class _Stats(dict):
+    def __init__(self):
+        super().__init__(bytes_read=0, elements_computed=0, sliced=0, whole=0)
+
+
+def _valid(part: Slice, shape: tuple[int, ...]) -> bool:
+    if part is None:
+        return True
+    kind, start, end = part
+    if kind == "rows":
+        return len(shape) >= 1 and 0 <= start <= end <= shape[0]
+    return len(shape) == 2 and 0 <= start <= end <= shape[1]
+
+
+def iter_weights(source: dict, part_of=None, stats: dict | None = None) -> Iterator[tuple[str, Any]]:
+    """(name, torch tensor) for every tensor ``source`` gives, one tensor in memory at a time.
+    ``part_of(name)`` (default: whole tensors) says which part of each tensor to read and
+    compute; the other elements of the tensor given are left unset. ``stats`` counts bytes read,
+    elements computed and tensors given in part or whole."""
+    part_of = part_of or (lambda name: None)
+    stats = stats if stats is not None else _Stats()
     if "folder" in source:
         ckpt = Checkpoint.open(source["folder"])
         reader, opened = _readers(ckpt.storage)
         try:
             for name, loc in ckpt.tensors.items():
-                yield name, _to_torch(read_tensor(reader(loc.shard), loc.info), loc.info.dtype, loc.info.shape)
+                info = loc.info
+                part = part_of(name)
+                part = part if _valid(part, info.shape) else None
+                data = read_part(reader(loc.shard), info, part)
+                stats["bytes_read"] += len(data)
+                stats["sliced" if part else "whole"] += 1
+                yield name, _placed(data, info.dtype, info.shape, part)
         finally:
             for r in opened.values():
                 r.close()
         return
-    yield from _iter_extrapolated(_plan(source), float(source["alpha"]))
+    yield from _iter_extrapolated(_plan(source), float(source["alpha"]), part_of, stats)
 
 
-def _iter_extrapolated(plan: Plan, alpha: float) -> Iterator[tuple[str, Any]]:
+def _iter_extrapolated(plan: Plan, alpha: float, part_of, stats: dict) -> Iterator[tuple[str, Any]]:
     from ..shard_task import compute_chunk
     from ..storage import open_storage
 
@@ -146,35 +215,112 @@ def _iter_extrapolated(plan: Plan, alpha: float) -> Iterator[tuple[str, Any]]:
     try:
         for shard in plan.shards:
             for t in shard.tensors:
-                a_bytes = read_tensor(a_reader(t.aligned.shard), t.aligned.info)
+                part = part_of(t.name)
+                if not _valid(part, t.shape) or (part and part[0] == "cols" and t.action == EXTEND_ROWS):
+                    part = None
+                stats["sliced" if part else "whole"] += 1
+                a_bytes = read_part(a_reader(t.aligned.shard), t.aligned.info, part)
+                stats["bytes_read"] += len(a_bytes)
                 effective = alpha * t.scale
                 if t.action == COPY_IDENTICAL:
-                    if a_bytes != read_tensor(s_reader(t.sft.shard), t.sft.info):
+                    s_bytes = read_part(s_reader(t.sft.shard), t.sft.info, part)
+                    stats["bytes_read"] += len(s_bytes)
+                    if a_bytes != s_bytes:
                         raise ExpoError(f"tensor {t.name} ({t.dtype}, not a float type) differs between the SFT "
                                         "and aligned models; non-float tensors must be identical")
                 if t.action in (EXTRAPOLATE, EXTEND_ROWS) and effective != 0.0:
-                    s_bytes = read_tensor(s_reader(t.sft.shard), t.sft.info)
-                    bits = kernel.bits_dtype(t.dtype)
-                    count = t.aligned.info.numel
-                    (out,) = compute_chunk(t, bits, a_bytes, s_bytes, [effective], count, [None], 0)
-                    yield t.name, _to_torch(out, t.dtype, t.shape)
+                    s_part = part
+                    if t.action == EXTEND_ROWS:  # the SFT model has only the first shared_rows rows
+                        lo, hi = (part[1], part[2]) if part else (0, t.shape[0])
+                        s_part = ("rows", min(lo, t.shared_rows), min(hi, t.shared_rows))
+                    s_bytes = read_part(s_reader(t.sft.shard), t.sft.info, s_part)
+                    stats["bytes_read"] += len(s_bytes)
+                    count = len(a_bytes) // t.aligned.info.itemsize
+                    (out,) = compute_chunk(t, kernel.bits_dtype(t.dtype), a_bytes, s_bytes, [effective], count, [None], 0)
+                    stats["elements_computed"] += count
+                    yield t.name, _placed(out, t.dtype, t.shape, part)
                 else:
-                    yield t.name, _to_torch(a_bytes, t.dtype, t.shape)
+                    yield t.name, _placed(a_bytes, t.dtype, t.shape, part)
     finally:
         for r in list(a_open.values()) + list(s_open.values()):
             r.close()
+
+
+def rank_slices(model, rank: int, size: int) -> tuple[Any, list[str]]:
+    """``part_of(checkpoint tensor name)`` for tensor-parallel rank ``rank`` of ``size``: the part
+    of each tensor this rank's vLLM layer keeps (what its weight loader narrows to), and the
+    layer types whose sharding is not known here (their tensors are read whole)."""
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        ReplicatedLinear,
+        RowParallelLinear,
+    )
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    modules = dict(model.named_modules())
+    packed = {sub: (fused, i) for fused, subs in (getattr(model, "packed_modules_mapping", None) or {}).items()
+              for i, sub in enumerate(subs)}
+    unknown: set[str] = set()
+
+    def part_of(name: str) -> Slice:
+        prefix, _, param = name.rpartition(".")
+        layer, index = modules.get(prefix), None
+        if layer is None:
+            parent, _, leaf = prefix.rpartition(".")
+            if leaf in packed:
+                fused, index = packed[leaf]
+                layer = modules.get(f"{parent}.{fused}" if parent else fused)
+        if layer is None or size == 1:
+            return None
+        quant = getattr(layer, "quant_method", None)
+        if quant is not None and type(quant).__name__ not in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"):
+            unknown.add(f"{type(layer).__name__} ({type(quant).__name__})")
+            return None
+        if isinstance(layer, VocabParallelEmbedding):
+            idx = layer.shard_indices
+            return ("rows", idx.org_vocab_start_index, idx.org_vocab_end_index)
+        if isinstance(layer, RowParallelLinear):
+            n = layer.input_size_per_partition
+            return ("cols", rank * n, rank * n + n) if param == "weight" else None
+        if isinstance(layer, QKVParallelLinear) and index is not None:
+            if index == 0:
+                n, at = layer.num_heads * layer.head_size, rank
+            else:
+                head = layer.head_size if index == 1 else getattr(layer, "v_head_size", layer.head_size)
+                n, at = layer.num_kv_heads * head, rank // layer.num_kv_head_replicas
+            return ("rows", at * n, at * n + n)
+        if isinstance(layer, MergedColumnParallelLinear) and index is not None:
+            n = layer.output_sizes[index] // size
+            return ("rows", rank * n, rank * n + n)
+        if type(layer) is ColumnParallelLinear:
+            n = layer.output_size_per_partition
+            return ("rows", rank * n, rank * n + n)
+        if isinstance(layer, ReplicatedLinear) or type(layer).__name__.endswith("Norm"):
+            return None
+        unknown.add(type(layer).__name__)
+        return None
+
+    return part_of, unknown
 
 
 class WeightSwapExtension:
     """Mixed into vLLM's worker class; called on every rank with ``llm.collective_rpc``."""
 
     def expo_swap_weights(self, source: dict) -> dict:
-        """Load the weights ``source`` describes in place; returns what this rank loaded."""
+        """Load the weights ``source`` describes in place; returns what this rank read, computed
+        and loaded."""
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
         began = time.perf_counter()
+        rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        part_of, unknown = rank_slices(self.model_runner.get_model(), rank, size)
+        stats = _Stats()
         counted = {"tensors": 0, "bytes": 0}
 
         def counting():
-            for name, tensor in iter_weights(source):
+            for name, tensor in iter_weights(source, part_of, stats):
                 counted["tensors"] += 1
                 counted["bytes"] += tensor.numel() * tensor.element_size()
                 yield name, tensor
@@ -184,7 +330,23 @@ class WeightSwapExtension:
         except BaseException:
             _abandon_layerwise_reload(self.model_runner.get_model())
             raise
-        return {**counted, "seconds": round(time.perf_counter() - began, 3)}
+        if unknown:
+            log.warning("weight swap, rank %d of %d: %s sharding not known here; their tensors were read whole",
+                     rank, size, ", ".join(sorted(unknown)))
+        return {**counted, **stats, "rank": rank, "seconds": round(time.perf_counter() - began, 3)}
+
+
+    def expo_param_digests(self) -> dict:
+        """sha256 of the bytes of every parameter this rank holds: name -> (dtype, shape, digest)."""
+        import hashlib
+
+        import torch
+
+        out = {}
+        for name, param in self.model_runner.get_model().named_parameters():
+            data = param.detach().to("cpu").contiguous().view(torch.uint8)
+            out[name] = (str(param.dtype), tuple(param.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest())
+        return out
 
 
 def _abandon_layerwise_reload(model) -> None:
