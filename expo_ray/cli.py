@@ -269,6 +269,7 @@ def _run_evaluation(variants, o, address):
         click.echo(f"| {r['label']:<14} | {alpha:>6} | {r['mean_reward']:>11.4f} | "
                    f"[{r['ci_low']:>8.4f}, {r['ci_high']:>8.4f}] | {r['mean_tokens']:>7.1f} | {win:>8} |")
     click.echo(f"best alpha: {report['best']['alpha']}  report: {report['location']}/report.md")
+    click.echo(f"selection: {report['selection']['statement']}")
     return report
 
 
@@ -345,6 +346,7 @@ def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_mat
     click.echo(f"best alpha: {report['best']['alpha']:g} after {report['generations']} generations "
                f"(budget {report['budget']}, full grid {report['grid_generations']}); "
                f"report: {report['location']}/search.md")
+    click.echo(f"selection: {report['selection']['statement']}")
     if no_materialize:
         return
     chosen = [report["best"]["alpha"]] + ([report["runner_up"]] if runner_up and report["runner_up"] is not None else [])
@@ -376,7 +378,8 @@ def sweep(spec_path, address, check, no_progress):
     board = run_sweep(spec, address=address, show_progress=not no_progress)
     for row in board["pairs"]:
         gain = row.get("gain")
-        click.echo(f"{row['pair']}: " + (f"best alpha {row['best_alpha']:g}, gain {gain:+.4f} ({row['prompts']})"
+        click.echo(f"{row['pair']}: " + (f"best alpha {row['best_alpha']:g}, gain {gain:+.4f}"
+                                         f"{'' if row.get('significant_gain') else ' (not significant)'} ({row['prompts']})"
                                          if gain is not None else f"variants at {row['variants']}"))
     click.echo("nothing to do: every variant and evaluation was already complete" if not board["work_done"]
                else f"done in {board['seconds']} s; leaderboard: {spec.destination.rstrip('/')}/leaderboard.md")

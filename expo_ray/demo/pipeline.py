@@ -64,18 +64,24 @@ def _storage_root(workdir: Path, storage: str):
                 os.environ[k] = v
 
 
-def finding(results: list[dict]) -> dict:
-    """Does the report show the paper's finding? The best alpha is above 0 and its 95% interval
-    lies above alpha 0's, and the largest alpha's interval lies below the best's."""
-    points = [r for r in results if r["alpha"] is not None]
-    best = min(points, key=lambda r: (-r["mean_reward"], r["alpha"]))
+def finding(report: dict) -> dict:
+    """Does the report show the paper's finding, by the selection rule's paired statistics?
+    ``improves``: the recommended alpha is above 0 with a significant gain over alpha 0;
+    ``large_alpha_degrades``: the largest alpha is below alpha 0 beyond its paired interval;
+    ``falls_after_best``: some alpha above the highest mean is distinguishably below it (the
+    curve turns down inside the grid)."""
+    points = [r for r in report["results"] if r["alpha"] is not None]
+    sel = report["selection"]
+    rec = next(r for r in points if r["alpha"] == sel["recommended"])
     zero = next(r for r in points if r["alpha"] == 0.0)
     top = max(points, key=lambda r: r["alpha"])
-    improves = best["alpha"] > 0 and best["ci_low"] > zero["ci_high"]
-    degrades = top["alpha"] != best["alpha"] and top["ci_high"] < best["ci_low"]
-    return {"best_alpha": best["alpha"], "best_reward": best["mean_reward"], "alpha0_reward": zero["mean_reward"],
-            "gain": best["mean_reward"] - zero["mean_reward"], "largest_alpha": top["alpha"],
-            "largest_alpha_reward": top["mean_reward"], "improves": improves, "large_alpha_degrades": degrades}
+    peak = next(r for r in points if r["alpha"] == sel["best_mean"])
+    return {"best_alpha": rec["alpha"], "best_reward": rec["mean_reward"], "alpha0_reward": zero["mean_reward"],
+            "gain": rec["gain_vs_aligned"], "gain_low": rec["gain_ci_low"], "gain_high": rec["gain_ci_high"],
+            "highest_mean_alpha": peak["alpha"], "case": sel["case"], "largest_alpha": top["alpha"],
+            "largest_alpha_reward": top["mean_reward"], "improves": bool(sel["significant_gain"] and rec["alpha"] > 0),
+            "falls_after_best": any(r["alpha"] > peak["alpha"] and r["tied_with_best"] is False for r in points),
+            "large_alpha_degrades": top["gain_ci_high"] is not None and top["gain_ci_high"] < 0}
 
 
 def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: str = "full", storage: str = "s3",
@@ -120,7 +126,7 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
                 "relative_change": overall.relative, "lineage_warnings": warnings, "variants": variants,
                 "variants_written": sum(v == "written" for v in result.variants.values()),
                 "report": str(results_dir / name / "report.md"), "results": report["results"],
-                "best": report["best"], "finding": finding(report["results"]),
+                "best": report["best"], "selection": report["selection"], "finding": finding(report),
                 "eval_seconds": report.get("seconds"),
             }
     summary["seconds"] = round(time.perf_counter() - began, 1)
@@ -147,16 +153,19 @@ def _copy_report(uri: str, dest: Path) -> None:
 
 
 def demo_table(summary: dict) -> list[str]:
-    """Markdown rows: reward and length against alpha for every DPO model."""
-    lines = ["| model | alpha | mean reward | 95% CI | mean tokens | win rate vs alpha=0 |",
-             "|---|---|---|---|---|---|"]
+    """Markdown rows: reward and length against alpha for every DPO model, with the paired gain
+    over alpha 0 and the recommended alpha marked."""
+    lines = ["| model | alpha | mean reward | 95% CI | gain vs alpha=0, paired [CI] | mean tokens | win rate vs alpha=0 |",
+             "|---|---|---|---|---|---|---|"]
     for name, d in summary["dpo"].items():
         for r in d["results"]:
             alpha = "SFT" if r["alpha"] is None else f"{r['alpha']:g}"
-            mark = " **best**" if r["alpha"] is not None and r["alpha"] == d["best"]["alpha"] else ""
+            mark = " **rec.**" if r.get("recommended") else ""
             win = "-" if r["win_rate_vs_aligned"] is None else f"{r['win_rate_vs_aligned']:.2f}"
+            gain = "-" if r.get("gain_vs_aligned") is None else \
+                f"{r['gain_vs_aligned']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
             lines.append(f"| {name} | {alpha}{mark} | {r['mean_reward']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-                         f"| {r['mean_tokens']:.1f} | {win} |")
+                         f"| {gain} | {r['mean_tokens']:.1f} | {win} |")
     return lines
 
 
@@ -164,11 +173,12 @@ def finding_lines(summary: dict) -> list[str]:
     out = []
     for name, d in summary["dpo"].items():
         f = d["finding"]
-        out.append(f"- {name}: best alpha {f['best_alpha']:g}, mean reward {f['best_reward']:.3f} vs "
-                   f"{f['alpha0_reward']:.3f} at alpha 0 ({f['gain']:+.3f}; "
-                   + ("intervals do not overlap" if f["improves"] else "not beyond the bootstrap interval")
-                   + f"); alpha {f['largest_alpha']:g}: {f['largest_alpha_reward']:.3f} ("
-                   + ("degrades" if f["large_alpha_degrades"] else "does not clearly degrade") + ")")
+        out.append(f"- {name}: recommended alpha {f['best_alpha']:g} ({d['selection']['statement']}); highest mean at "
+                   f"alpha {f['highest_mean_alpha']:g}, "
+                   + ("then a fall beyond its interval" if f["falls_after_best"] else "no fall beyond it within the grid")
+                   + f"; alpha {f['largest_alpha']:g}: {f['largest_alpha_reward']:.3f} ("
+                   + ("below alpha 0 beyond the interval" if f["large_alpha_degrades"] else "not clearly below alpha 0")
+                   + ")")
     return out
 
 
@@ -193,6 +203,10 @@ def plot_demo(summary: dict) -> bytes:
         ax_r.errorbar(xs, [r["mean_reward"] for r in points],
                       yerr=[[r["mean_reward"] - r["ci_low"] for r in points], [r["ci_high"] - r["mean_reward"] for r in points]],
                       marker="o", capsize=3, label=name)
+        rec = next((r for r in points if r.get("recommended")), None)
+        if rec is not None:
+            ax_r.plot([rec["alpha"]], [rec["mean_reward"]], marker="*", markersize=14, color="black", linestyle="none",
+                      label="recommended" if name == next(iter(summary["dpo"])) else None)
         ax_l.plot(xs, [r["mean_tokens"] for r in points], marker="s", label=name)
     sft = next((r for d in summary["dpo"].values() for r in d["results"] if r["alpha"] is None), None)
     if sft is not None:
