@@ -395,8 +395,11 @@ def sweep(spec_path, address, check, no_progress):
 @click.option("--storage", type=click.Choice(["s3", "local"]), default="s3", show_default=True,
               help="s3: an embedded SeaweedFS server started and stopped by the demo; local: a folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task, data and training.")
+@click.option("--seeds", default=None, metavar="LIST",
+              help="Run the demo for each seed (e.g. 0,1,2; each in WORKDIR/seed-N) and summarise the recommended "
+                   "alpha and its gain per seed in one table and one plot.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(workdir, alphas, scale, storage, seed, no_progress):
+def demo(workdir, alphas, scale, storage, seed, seeds, no_progress):
     """The ExPO paper's controlled experiment in miniature: train tiny SFT, DPO and reward models on a
     synthetic task, extrapolate, evaluate with vLLM, and show reward against alpha (CPU only, offline)."""
     from .demo.pipeline import demo_table, finding_lines, run_demo
@@ -405,6 +408,9 @@ def demo(workdir, alphas, scale, storage, seed, no_progress):
     grid = parse_alphas(alphas)
     if 0.0 not in grid or len(grid) < 2:
         raise click.UsageError("--alpha must include 0 (the DPO model itself) and at least one other alpha")
+    if seeds is not None:
+        _demo_seeds(workdir, seeds, grid, scale, storage, no_progress)
+        return
     summary = run_demo(workdir, grid, seed=seed, scale=scale, storage=storage, show_progress=not no_progress)
     click.echo("")
     for line in demo_table(summary):
@@ -416,6 +422,24 @@ def demo(workdir, alphas, scale, storage, seed, no_progress):
     click.echo(f"\nplot: {results / 'demo.png'}\nreport: {results / 'demo-report.md'} "
                f"(per model: {results}/<model>/report.md)\ndone in {summary['seconds']:.0f} s "
                f"(models: {summary['models_seconds']:.0f} s)")
+
+
+def _demo_seeds(workdir, seeds, grid, scale, storage, no_progress) -> None:
+    from .demo.pipeline import run_demo_seeds, seeds_table
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"--seeds {seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise click.UsageError(f"--seeds {seeds!r}: give at least one seed, each once")
+    summary = run_demo_seeds(workdir, seed_list, grid, scale=scale, storage=storage, show_progress=not no_progress)
+    click.echo("")
+    for line in seeds_table(summary):
+        click.echo(line)
+    root = Path(summary["workdir"])
+    click.echo(f"\nplot: {root / 'seeds.png'}\nreport: {root / 'seeds-report.md'} (per seed: {root}/seed-N/)\n"
+               f"done in {summary['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

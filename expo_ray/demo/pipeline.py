@@ -64,6 +64,24 @@ def _storage_root(workdir: Path, storage: str):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _one_engine_thread():
+    """vLLM on CPU runs one OpenMP thread per core it may use (all but one, by default): another
+    thread count sums in another order, moves a float32 logit in its last digits and can change a
+    sampled token. The demo's models are tiny, so its engines get one thread, on the first core
+    this process may use, whatever the machine (unless the user set the binding). Set before Ray
+    starts, so its workers inherit it."""
+    name = "VLLM_CPU_OMP_THREADS_BIND"
+    if os.environ.get(name):
+        yield
+        return
+    os.environ[name] = str(min(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def finding(report: dict) -> dict:
     """Does the report show the paper's finding, by the selection rule's paired statistics?
     ``improves``: the recommended alpha is above 0 with a significant gain over alpha 0;
@@ -107,7 +125,7 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
     summary: dict = {"workdir": str(workdir), "seed": seed, "scale": scale, "storage": storage,
                      "alphas": list(alphas), "models": {k: str(v) for k, v in models.items()},
                      "prompts": len(prompts.prompts), "sampling": EVAL_SAMPLING, "dpo": {}}
-    with _storage_root(workdir, storage) as root:
+    with _one_engine_thread(), _storage_root(workdir, storage) as root:
         for name in DPO_MODELS:
             sft, aligned = str(models["sft"]), str(models[name])
             groups, overall = lineage(make_plan(sft, aligned, (1.0,)))
@@ -220,6 +238,96 @@ def plot_demo(summary: dict) -> bytes:
     ax_l.set_ylabel("mean response length (tokens)")
     ax_l.legend(fontsize=8)
     fig.suptitle("ExPO on the demo task: theta = dpo + alpha * (dpo - sft)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_demo_seeds(workdir: str | Path, seeds, alphas=DEMO_ALPHAS, *, scale: str = "full", storage: str = "s3",
+                   show_progress: bool = True, progress=None) -> dict:
+    """The demo once per seed (each in WORKDIR/seed-N, cached there like a single run), then one
+    table and one plot of the recommended alpha and its gain over alpha 0 per seed
+    (WORKDIR/seeds-summary.json, seeds-report.md, seeds.png)."""
+    workdir = Path(workdir).resolve()
+    began = time.perf_counter()
+    runs = {}
+    for seed in seeds:
+        (progress or log.info)(f"seed {seed}: {workdir / f'seed-{seed}'}")
+        runs[seed] = run_demo(workdir / f"seed-{seed}", alphas, seed=seed, scale=scale, storage=storage,
+                              show_progress=show_progress, progress=progress)
+    summary = {"workdir": str(workdir), "seeds": list(seeds), "scale": scale, "alphas": list(alphas),
+               "rows": seeds_rows(runs), "seconds": round(time.perf_counter() - began, 1),
+               "seconds_per_seed": {str(s): r["seconds"] for s, r in runs.items()}}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "seeds.png").write_bytes(plot_seeds(runs))
+    (workdir / "seeds-report.md").write_text("\n".join(
+        ["# expo-ray demo across seeds", "", *seeds_table(summary), "", "![recommended alpha per seed](seeds.png)", ""]),
+        encoding="utf-8")
+    (workdir / "seeds-summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    summary["runs"] = runs
+    return summary
+
+
+def seeds_rows(runs: dict) -> list[dict]:
+    """Per seed and model: the recommended alpha, its paired gain over alpha 0, the rule's case."""
+    rows = []
+    for seed, summary in runs.items():
+        for name, d in summary["dpo"].items():
+            f = d["finding"]
+            rows.append({"seed": seed, "model": name, "recommended_alpha": f["best_alpha"],
+                         "highest_mean_alpha": f["highest_mean_alpha"], "alpha0_reward": f["alpha0_reward"],
+                         "gain": f["gain"], "gain_low": f["gain_low"], "gain_high": f["gain_high"],
+                         "significant_gain": d["selection"]["significant_gain"],
+                         "large_alpha_degrades": f["large_alpha_degrades"]})
+    return rows
+
+
+def seeds_table(summary: dict) -> list[str]:
+    lines = ["| model | seed | recommended alpha | highest mean at | reward at alpha 0 | gain, paired [CI] | significant "
+             "| largest alpha below alpha 0 |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(summary["rows"], key=lambda r: (r["model"], r["seed"])):
+        gain = "-" if r["gain"] is None else f"{r['gain']:+.3f} [{r['gain_low']:+.3f}, {r['gain_high']:+.3f}]"
+        lines.append(f"| {r['model']} | {r['seed']} | {r['recommended_alpha']:g} | {r['highest_mean_alpha']:g} | "
+                     f"{r['alpha0_reward']:.3f} | {gain} | {'yes' if r['significant_gain'] else 'no'} | "
+                     f"{'yes' if r['large_alpha_degrades'] else 'no'} |")
+    return lines
+
+
+def plot_seeds(runs: dict) -> bytes:
+    """Left: reward against alpha, one line per seed and model; right: the recommended alpha's
+    paired gain over alpha 0 with its interval, per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_c, ax_g) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    colors = {"dpo_small": "tab:blue", "dpo_large": "tab:orange"}
+    seeds = list(runs)
+    for i, (seed, summary) in enumerate(runs.items()):
+        for j, (name, d) in enumerate(summary["dpo"].items()):
+            points = [r for r in d["results"] if r["alpha"] is not None]
+            ax_c.plot([r["alpha"] for r in points], [r["mean_reward"] for r in points], marker="o", markersize=3,
+                      color=colors.get(name), alpha=0.8, linestyle=("-", "--", ":", "-.")[i % 4],
+                      label=f"{name}, seed {seed}")
+            f = d["finding"]
+            x = i + (j - 0.5) * 0.25
+            if f["gain"] is not None:
+                ax_g.errorbar([x], [f["gain"]], yerr=[[f["gain"] - f["gain_low"]], [f["gain_high"] - f["gain"]]],
+                              marker="o", capsize=3, color=colors.get(name), label=name if i == 0 else None)
+                ax_g.annotate(f"alpha {f['best_alpha']:g}", (x, f["gain_high"]), ha="center", va="bottom", fontsize=7)
+    ax_c.set_xscale("symlog", linthresh=1.0)
+    ax_c.set_xlim(left=-0.1)
+    ax_c.set_xlabel("alpha (symmetric log scale)")
+    ax_c.set_ylabel("mean reward")
+    ax_c.legend(fontsize=6)
+    ax_g.axhline(0, color="gray", linewidth=0.8)
+    ax_g.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+    ax_g.set_ylabel("gain of the recommended alpha over alpha 0\n(paired, family-wise 95% CI)")
+    ax_g.legend(fontsize=8)
+    fig.suptitle("expo-ray demo across seeds", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
