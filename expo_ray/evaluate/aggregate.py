@@ -110,6 +110,5 @@ def select(stats: list[AlphaStats]) -> Selection | None:
 
 
 def recommended_alpha(stats: list[AlphaStats]) -> AlphaStats:
-    """The alpha the selection rule recommends (see :mod:`.selection`)."""
-    chosen = select(stats)
-    return next(s for s in stats if s.alpha is not None and s.alpha == chosen.recommended)
+    """The alpha the selection rule recommends (marked by :func:`summarize`)."""
+    return next(s for s in stats if s.recommended)
