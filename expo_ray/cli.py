@@ -332,6 +332,7 @@ def _run_evaluation(variants, o, address):
         click.echo(f"| {r['label']:<14} | {alpha:>6} | {r['mean_reward']:>11.4f} | "
                    f"[{r['ci_low']:>8.4f}, {r['ci_high']:>8.4f}] | {r['mean_tokens']:>7.1f} | {win:>8} |")
     click.echo(f"best alpha: {report['best']['alpha']}  report: {report['location']}/report.md")
+    click.echo(f"selection: {report['selection']['statement']}")
     return report
 
 
@@ -412,6 +413,7 @@ def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_mat
     click.echo(f"best alpha: {report['best']['alpha']:g} after {report['generations']} generations "
                f"(budget {report['budget']}, full grid {report['grid_generations']}); "
                f"report: {report['location']}/search.md")
+    click.echo(f"selection: {report['selection']['statement']}")
     if no_materialize:
         return
     chosen = [report["best"]["alpha"]] + ([report["runner_up"]] if runner_up and report["runner_up"] is not None else [])
@@ -439,7 +441,8 @@ def sweep(spec_path, address, check, no_progress):
     board = run_sweep(spec, address=address, show_progress=_progress(no_progress))
     for row in board["pairs"]:
         gain = row.get("gain")
-        click.echo(f"{row['pair']}: " + (f"best alpha {row['best_alpha']:g}, gain {gain:+.4f} ({row['prompts']})"
+        click.echo(f"{row['pair']}: " + (f"best alpha {row['best_alpha']:g}, gain {gain:+.4f}"
+                                         f"{'' if row.get('significant_gain') else ' (not significant)'} ({row['prompts']})"
                                          if gain is not None else f"variants at {row['variants']}"))
     click.echo("nothing to do: every variant and evaluation was already complete" if not board["work_done"]
                else f"done in {board['seconds']} s; leaderboard: {spec.destination.rstrip('/')}/leaderboard.md")
@@ -455,8 +458,11 @@ def sweep(spec_path, address, check, no_progress):
 @click.option("--storage", type=click.Choice(["s3", "local"]), default="s3", show_default=True,
               help="s3: an embedded SeaweedFS server started and stopped by the demo; local: a folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task, data and training.")
+@click.option("--seeds", default=None, metavar="LIST",
+              help="Run the demo for each seed (e.g. 0,1,2; each in WORKDIR/seed-N) and summarise the recommended "
+                   "alpha and its gain per seed in one table and one plot.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(workdir, alphas, scale, storage, seed, no_progress):
+def demo(workdir, alphas, scale, storage, seed, seeds, no_progress):
     """The ExPO paper's controlled experiment in miniature: train tiny SFT, DPO and reward models on a
     synthetic task, extrapolate, evaluate with vLLM, and show reward against alpha (CPU only, offline)."""
     _needs("demo", "torch", "transformers", "vllm")
@@ -466,6 +472,9 @@ def demo(workdir, alphas, scale, storage, seed, no_progress):
     grid = parse_alphas(alphas)
     if 0.0 not in grid or len(grid) < 2:
         raise click.UsageError("--alpha must include 0 (the DPO model itself) and at least one other alpha")
+    if seeds is not None:
+        _demo_seeds(workdir, seeds, grid, scale, storage, no_progress)
+        return
     summary = run_demo(workdir, grid, seed=seed, scale=scale, storage=storage, show_progress=_progress(no_progress))
     click.echo("")
     for line in demo_table(summary):
@@ -477,6 +486,24 @@ def demo(workdir, alphas, scale, storage, seed, no_progress):
     click.echo(f"\nplot: {results / 'demo.png'}\nreport: {results / 'demo-report.md'} "
                f"(per model: {results}/<model>/report.md)\ndone in {summary['seconds']:.0f} s "
                f"(models: {summary['models_seconds']:.0f} s)")
+
+
+def _demo_seeds(workdir, seeds, grid, scale, storage, no_progress) -> None:
+    from .demo.pipeline import run_demo_seeds, seeds_table
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"--seeds {seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise click.UsageError(f"--seeds {seeds!r}: give at least one seed, each once")
+    summary = run_demo_seeds(workdir, seed_list, grid, scale=scale, storage=storage, show_progress=_progress(no_progress))
+    click.echo("")
+    for line in seeds_table(summary):
+        click.echo(line)
+    root = Path(summary["workdir"])
+    click.echo(f"\nplot: {root / 'seeds.png'}\nreport: {root / 'seeds-report.md'} (per seed: {root}/seed-N/)\n"
+               f"done in {summary['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -141,18 +141,25 @@ def leaderboard(outcomes: list[PairOutcome]) -> dict:
             rows.append({**base, "prompts": r["prompt_set"], "best_alpha": r["best"]["alpha"],
                          "best_reward": r["best"]["mean_reward"],
                          "aligned_reward": aligned["mean_reward"] if aligned else None,
-                         "gain": r["best"]["gain_vs_aligned"], "report": f"{r['location']}/report.md"})
+                         "gain": r["best"]["gain_vs_aligned"],
+                         "significant_gain": r.get("selection", {}).get("significant_gain"),
+                         "report": f"{r['location']}/report.md"})
     return {"format": "expo-ray.leaderboard/1", "pairs": rows}
 
 
 def _write_leaderboard(store, board: dict) -> None:
     store.write_bytes("leaderboard.json", (json.dumps(board, indent=2) + "\n").encode())
-    lines = ["# ExPO sweep leaderboard", "", "| pair | prompts | best alpha | best reward | alpha=0 reward | gain | report |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["# ExPO sweep leaderboard", "",
+             "Best alpha: the recommended one (the smallest alpha tied with the highest mean; alpha 0 when no "
+             "alpha beats alpha 0 beyond its paired interval).", "",
+             "| pair | prompts | best alpha | best reward | alpha=0 reward | gain | significant | report |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in board["pairs"]:
         fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+        significant = {None: "-", True: "yes", False: "no"}[r.get("significant_gain")]
         lines.append(f"| {r['pair']} | {r.get('prompts', '-')} | {fmt(r.get('best_alpha'))} | {fmt(r.get('best_reward'))} | "
-                     f"{fmt(r.get('aligned_reward'))} | {fmt(r.get('gain'))} | {r.get('report', r['variants'])} |")
+                     f"{fmt(r.get('aligned_reward'))} | {fmt(r.get('gain'))} | {significant} | "
+                     f"{r.get('report', r['variants'])} |")
     store.write_bytes("leaderboard.md", ("\n".join(lines) + "\n").encode())
     scored = [r for r in board["pairs"] if r.get("gain") is not None]
     if scored:
@@ -167,7 +174,7 @@ def _write_leaderboard(store, board: dict) -> None:
         ax.bar([f"{r['pair']}\n{r['prompts']}" for r in scored], [r["gain"] for r in scored])
         for i, r in enumerate(scored):
             ax.annotate(f"alpha={r['best_alpha']:g}", (i, r["gain"]), ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel("reward gain of the best alpha over alpha=0")
+        ax.set_ylabel("reward gain of the recommended alpha over alpha=0")
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")

@@ -43,7 +43,23 @@ def test_points_only_grow_and_the_winner_has_the_most_prompts():
     for (alpha, n), prev in _increments(calls):
         assert n > prev
     most = max(p.n for p in outcome.points.values())
-    assert outcome.points[outcome.best].n == most
+    # A gain of 0.01 under noise 0.2 is not beyond the paired interval: the search says alpha 0.
+    assert outcome.best == 0.0 and not outcome.selection.gain
+    assert outcome.points[outcome.runner_up].n == most
+
+
+def test_winner_and_runner_up_follow_the_selection_rule_on_shared_prompts():
+    evaluate, _ = noisy_rewards(peak=2.7, noise=0.3)
+    outcome = adaptive_search(evaluate, [0, 0.5, 1, 2, 4, 8], 256)
+    sel = outcome.selection
+    most = max(p.n for p in outcome.points.values())
+    assert outcome.best == sel.recommended and sel.gain and outcome.points[outcome.best].n == most
+    assert sel.points[0.0].n < most and sel.points[outcome.best].gain_low > 0
+    # the paired gain is measured on the prompts alpha 0 and the winner share
+    shared = outcome.points[0.0].n
+    diff = np.subtract(outcome.points[outcome.best].rewards[:shared], outcome.points[0.0].rewards)
+    assert sel.points[outcome.best].gain == pytest.approx(diff.mean())
+    assert outcome.runner_up != outcome.best and outcome.points[outcome.runner_up].n == most
 
 
 def test_refinement_brackets_the_best():

@@ -208,3 +208,10 @@ def test_demo_refuses_a_grid_without_alpha_0(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path / "demo"), "--alpha", "1,2"])
     assert result.exit_code == 2 and "must include 0" in result.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_a_bad_seed_list(tmp_path):
+    for bad in ("0,x", "1,1", ","):
+        result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path / "demo"), "--seeds", bad])
+        assert result.exit_code == 2 and "--seeds" in result.output, result.output
+    assert not (tmp_path / "demo").exists()

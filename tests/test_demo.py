@@ -37,10 +37,20 @@ def test_demo_shows_extrapolation_improving_the_under_trained_model(demo_run):
     summary = json.loads((workdir / "demo-summary.json").read_text())
     small = summary["dpo"]["dpo_small"]
     f = small["finding"]
-    # The under-trained DPO model: the best alpha is above 0 and its 95% interval lies above alpha 0's.
-    assert f["best_alpha"] > 0 and f["improves"], json.dumps(small["results"], indent=1)
-    # A very large alpha degrades: its interval lies below the best's.
+    # The under-trained DPO model: the recommended alpha is above 0 with a significant paired gain.
+    assert f["best_alpha"] > 0 and f["improves"] and f["gain_low"] > 0, json.dumps(small["results"], indent=1)
+    # A very large alpha degrades: its paired interval against alpha 0 lies below 0.
     assert f["large_alpha_degrades"], json.dumps(small["results"], indent=1)
+    # The recommendation follows the rule for both models: alpha 0 unless a gain is significant, and
+    # otherwise the smallest alpha tied with the highest mean.
+    for d in summary["dpo"].values():
+        rows = [r for r in d["results"] if r["alpha"] is not None]
+        rec = d["selection"]["recommended"]
+        assert [r["alpha"] for r in rows if r["recommended"]] == [rec] == [d["best"]["alpha"]]
+        if d["selection"]["significant_gain"]:
+            assert rec == min(r["alpha"] for r in rows if r["tied_with_best"])
+        else:
+            assert rec == 0.0
     # The report is real: every grid alpha and the SFT model, each on every prompt.
     alphas = sorted(r["alpha"] for r in small["results"] if r["alpha"] is not None)
     assert alphas == sorted(summary["alphas"])
@@ -54,6 +64,20 @@ def test_demo_shows_extrapolation_improving_the_under_trained_model(demo_run):
     assert "best" in first.stdout and "dpo_small" in first.stdout and "demo.png" in first.stdout
     # The variants went through the embedded S3 server.
     assert small["variants"].startswith("s3://")
+
+
+def test_seeds_summary_of_a_demo_run(demo_run, tmp_path):
+    from expo_ray.demo.pipeline import plot_seeds, seeds_rows, seeds_table
+
+    workdir, _ = demo_run
+    summary = json.loads((workdir / "demo-summary.json").read_text())
+    rows = seeds_rows({0: summary})
+    assert {r["model"] for r in rows} == {"dpo_small", "dpo_large"}
+    small = next(r for r in rows if r["model"] == "dpo_small")
+    assert small["recommended_alpha"] == summary["dpo"]["dpo_small"]["selection"]["recommended"]
+    table = seeds_table({"rows": rows})
+    assert len(table) == 4 and table[2].startswith("| dpo_large | 0 |")
+    assert plot_seeds({0: summary})[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_rerun_reuses_models_variants_and_results(demo_run):

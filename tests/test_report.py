@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from expo_ray.errors import ExpoError
-from expo_ray.evaluate.aggregate import Scored, best_alpha, bootstrap_ci, summarize, win_rate
+from expo_ray.evaluate.aggregate import Scored, bootstrap_ci, recommended_alpha, summarize, win_rate
 from expo_ray.evaluate.prompts import load_prompts
 from expo_ray.evaluate.report import write_report
 from expo_ray.storage import LocalStorage
@@ -15,7 +15,7 @@ def scored(rewards, tokens=10, finish="stop"):
     return [Scored(str(i), r, tokens, finish) for i, r in enumerate(rewards)]
 
 
-def test_summary_win_rate_and_best_alpha_ties_to_smaller():
+def test_summary_win_rate_and_recommended_alpha_ties_to_smaller():
     results = {
         "alpha_0.0": scored([0.0, 1.0, 2.0, 3.0]),
         "alpha_0.3": scored([1.0, 1.0, 3.0, 4.0], tokens=12),
@@ -28,7 +28,8 @@ def test_summary_win_rate_and_best_alpha_ties_to_smaller():
     by = {s.label: s for s in stats}
     assert by["alpha_0.3"].mean_reward == 2.25 and by["alpha_0.3"].win_rate_vs_aligned == (1 + 0.5 + 1 + 1) / 4
     assert by["alpha_0.5"].truncated_share == 1.0 and by["alpha_0.0"].win_rate_vs_aligned == 0.5
-    assert best_alpha(stats).label == "alpha_0.3"  # tie with 0.5: the smaller alpha
+    assert recommended_alpha(stats).label == "alpha_0.3"  # tie with 0.5: the smaller alpha
+    assert by["alpha_0.5"].tied_with_best and by["alpha_0.3"].gain_vs_aligned == 0.75
     assert by["alpha_0.3"].ci_low <= 2.25 <= by["alpha_0.3"].ci_high
 
 
@@ -50,7 +51,21 @@ def test_report_files(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["best"]["alpha"] == 0.4
     assert report["best"]["gain_vs_aligned"] == 1.0
     md = (tmp_path / "report.md").read_text()
-    assert "**Best alpha: 0.400**" in md and "| alpha_0.4 | 0.400 | 2 |" in md
+    assert "**Recommended alpha: 0.400**" in md and "| alpha_0.4 | 0.400 **rec.** | 2 |" in md
+    assert "significant gain over the aligned model" in md and report["selection"]["significant_gain"]
+
+
+def test_report_says_when_nothing_beats_alpha_0(tmp_path):
+    # A larger alpha with a (slightly) higher mean, within noise: the report recommends alpha 0.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=64)
+    results = {"alpha_0.0": scored(base), "alpha_2.0": scored(base + 0.01 + 0.5 * rng.normal(size=64))}
+    stats = summarize(results, {"alpha_0.0": 0.0, "alpha_2.0": 2.0})
+    assert stats[1].mean_reward > stats[0].mean_reward
+    report = write_report(LocalStorage(tmp_path), stats, {"title": "tiny"})
+    assert report["best"]["alpha"] == 0.0 and report["best"]["gain_vs_aligned"] == 0.0
+    assert not report["selection"]["significant_gain"] and report["selection"]["best_mean"] == 2.0
+    assert "Selection: alpha 0: no significant gain over the aligned model" in (tmp_path / "report.md").read_text()
 
 
 def test_prompt_files_and_bad_input(tmp_path):

@@ -50,6 +50,9 @@ evaluation:
     board = json.loads(s3_client.get_object(Bucket="sweep-eval", Key="run/leaderboard.json")["Body"].read())
     assert [r["pair"] for r in board["pairs"]] == ["pair-a", "pair-b"]
     assert all(r["best_alpha"] in (0.0, 0.5, 1.0) and r["gain"] is not None for r in board["pairs"])
+    # the selection rule: without a significant gain the leaderboard names alpha 0
+    assert all(isinstance(r["significant_gain"], bool) and (r["significant_gain"] or r["best_alpha"] == 0.0)
+               for r in board["pairs"])
     searched = json.loads(s3_client.get_object(Bucket="sweep-eval", Key=f"run/{spec.pairs[1].folder}/variants/search/search.json")["Body"].read())
     assert searched["best"]["alpha"] == board["pairs"][1]["best_alpha"] or board["pairs"][1]["best_alpha"] == 0.0
     assert searched["generations"] <= searched["budget"] == 6

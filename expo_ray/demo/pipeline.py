@@ -64,18 +64,42 @@ def _storage_root(workdir: Path, storage: str):
                 os.environ[k] = v
 
 
-def finding(results: list[dict]) -> dict:
-    """Does the report show the paper's finding? The best alpha is above 0 and its 95% interval
-    lies above alpha 0's, and the largest alpha's interval lies below the best's."""
-    points = [r for r in results if r["alpha"] is not None]
-    best = min(points, key=lambda r: (-r["mean_reward"], r["alpha"]))
+@contextlib.contextmanager
+def _one_engine_thread():
+    """vLLM on CPU runs one OpenMP thread per core it may use (all but one, by default): another
+    thread count sums in another order, moves a float32 logit in its last digits and can change a
+    sampled token. The demo's models are tiny, so its engines get one thread, on the first core
+    this process may use, whatever the machine (unless the user set the binding). Set before Ray
+    starts, so its workers inherit it."""
+    name = "VLLM_CPU_OMP_THREADS_BIND"
+    if os.environ.get(name):
+        yield
+        return
+    os.environ[name] = str(min(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def finding(report: dict) -> dict:
+    """Does the report show the paper's finding, by the selection rule's paired statistics?
+    ``improves``: the recommended alpha is above 0 with a significant gain over alpha 0;
+    ``large_alpha_degrades``: the largest alpha is below alpha 0 beyond its paired interval;
+    ``falls_after_best``: some alpha above the highest mean is distinguishably below it (the
+    curve turns down inside the grid)."""
+    points = [r for r in report["results"] if r["alpha"] is not None]
+    sel = report["selection"]
+    rec = next(r for r in points if r["alpha"] == sel["recommended"])
     zero = next(r for r in points if r["alpha"] == 0.0)
     top = max(points, key=lambda r: r["alpha"])
-    improves = best["alpha"] > 0 and best["ci_low"] > zero["ci_high"]
-    degrades = top["alpha"] != best["alpha"] and top["ci_high"] < best["ci_low"]
-    return {"best_alpha": best["alpha"], "best_reward": best["mean_reward"], "alpha0_reward": zero["mean_reward"],
-            "gain": best["mean_reward"] - zero["mean_reward"], "largest_alpha": top["alpha"],
-            "largest_alpha_reward": top["mean_reward"], "improves": improves, "large_alpha_degrades": degrades}
+    peak = next(r for r in points if r["alpha"] == sel["best_mean"])
+    return {"best_alpha": rec["alpha"], "best_reward": rec["mean_reward"], "alpha0_reward": zero["mean_reward"],
+            "gain": rec["gain_vs_aligned"], "gain_low": rec["gain_ci_low"], "gain_high": rec["gain_ci_high"],
+            "highest_mean_alpha": peak["alpha"], "case": sel["case"], "largest_alpha": top["alpha"],
+            "largest_alpha_reward": top["mean_reward"], "improves": bool(sel["significant_gain"] and rec["alpha"] > 0),
+            "falls_after_best": any(r["alpha"] > peak["alpha"] and r["tied_with_best"] is False for r in points),
+            "large_alpha_degrades": top["gain_ci_high"] is not None and top["gain_ci_high"] < 0}
 
 
 def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: str = "full", storage: str = "s3",
@@ -101,7 +125,7 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
     summary: dict = {"workdir": str(workdir), "seed": seed, "scale": scale, "storage": storage,
                      "alphas": list(alphas), "models": {k: str(v) for k, v in models.items()},
                      "prompts": len(prompts.prompts), "sampling": EVAL_SAMPLING, "dpo": {}}
-    with _storage_root(workdir, storage) as root:
+    with _one_engine_thread(), _storage_root(workdir, storage) as root:
         for name in DPO_MODELS:
             sft, aligned = str(models["sft"]), str(models[name])
             groups, overall = lineage(make_plan(sft, aligned, (1.0,)))
@@ -120,7 +144,7 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
                 "relative_change": overall.relative, "lineage_warnings": warnings, "variants": variants,
                 "variants_written": sum(v == "written" for v in result.variants.values()),
                 "report": str(results_dir / name / "report.md"), "results": report["results"],
-                "best": report["best"], "finding": finding(report["results"]),
+                "best": report["best"], "selection": report["selection"], "finding": finding(report),
                 "eval_seconds": report.get("seconds"),
             }
     summary["seconds"] = round(time.perf_counter() - began, 1)
@@ -147,16 +171,19 @@ def _copy_report(uri: str, dest: Path) -> None:
 
 
 def demo_table(summary: dict) -> list[str]:
-    """Markdown rows: reward and length against alpha for every DPO model."""
-    lines = ["| model | alpha | mean reward | 95% CI | mean tokens | win rate vs alpha=0 |",
-             "|---|---|---|---|---|---|"]
+    """Markdown rows: reward and length against alpha for every DPO model, with the paired gain
+    over alpha 0 and the recommended alpha marked."""
+    lines = ["| model | alpha | mean reward | 95% CI | gain vs alpha=0, paired [CI] | mean tokens | win rate vs alpha=0 |",
+             "|---|---|---|---|---|---|---|"]
     for name, d in summary["dpo"].items():
         for r in d["results"]:
             alpha = "SFT" if r["alpha"] is None else f"{r['alpha']:g}"
-            mark = " **best**" if r["alpha"] is not None and r["alpha"] == d["best"]["alpha"] else ""
+            mark = " **rec.**" if r.get("recommended") else ""
             win = "-" if r["win_rate_vs_aligned"] is None else f"{r['win_rate_vs_aligned']:.2f}"
+            gain = "-" if r.get("gain_vs_aligned") is None else \
+                f"{r['gain_vs_aligned']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
             lines.append(f"| {name} | {alpha}{mark} | {r['mean_reward']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-                         f"| {r['mean_tokens']:.1f} | {win} |")
+                         f"| {gain} | {r['mean_tokens']:.1f} | {win} |")
     return lines
 
 
@@ -164,11 +191,12 @@ def finding_lines(summary: dict) -> list[str]:
     out = []
     for name, d in summary["dpo"].items():
         f = d["finding"]
-        out.append(f"- {name}: best alpha {f['best_alpha']:g}, mean reward {f['best_reward']:.3f} vs "
-                   f"{f['alpha0_reward']:.3f} at alpha 0 ({f['gain']:+.3f}; "
-                   + ("intervals do not overlap" if f["improves"] else "not beyond the bootstrap interval")
-                   + f"); alpha {f['largest_alpha']:g}: {f['largest_alpha_reward']:.3f} ("
-                   + ("degrades" if f["large_alpha_degrades"] else "does not clearly degrade") + ")")
+        out.append(f"- {name}: recommended alpha {f['best_alpha']:g} ({d['selection']['statement']}); highest mean at "
+                   f"alpha {f['highest_mean_alpha']:g}, "
+                   + ("then a fall beyond its interval" if f["falls_after_best"] else "no fall beyond it within the grid")
+                   + f"; alpha {f['largest_alpha']:g}: {f['largest_alpha_reward']:.3f} ("
+                   + ("below alpha 0 beyond the interval" if f["large_alpha_degrades"] else "not clearly below alpha 0")
+                   + ")")
     return out
 
 
@@ -193,6 +221,10 @@ def plot_demo(summary: dict) -> bytes:
         ax_r.errorbar(xs, [r["mean_reward"] for r in points],
                       yerr=[[r["mean_reward"] - r["ci_low"] for r in points], [r["ci_high"] - r["mean_reward"] for r in points]],
                       marker="o", capsize=3, label=name)
+        rec = next((r for r in points if r.get("recommended")), None)
+        if rec is not None:
+            ax_r.plot([rec["alpha"]], [rec["mean_reward"]], marker="*", markersize=14, color="black", linestyle="none",
+                      label="recommended" if name == next(iter(summary["dpo"])) else None)
         ax_l.plot(xs, [r["mean_tokens"] for r in points], marker="s", label=name)
     sft = next((r for d in summary["dpo"].values() for r in d["results"] if r["alpha"] is None), None)
     if sft is not None:
@@ -206,6 +238,96 @@ def plot_demo(summary: dict) -> bytes:
     ax_l.set_ylabel("mean response length (tokens)")
     ax_l.legend(fontsize=8)
     fig.suptitle("ExPO on the demo task: theta = dpo + alpha * (dpo - sft)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_demo_seeds(workdir: str | Path, seeds, alphas=DEMO_ALPHAS, *, scale: str = "full", storage: str = "s3",
+                   show_progress: bool = True, progress=None) -> dict:
+    """The demo once per seed (each in WORKDIR/seed-N, cached there like a single run), then one
+    table and one plot of the recommended alpha and its gain over alpha 0 per seed
+    (WORKDIR/seeds-summary.json, seeds-report.md, seeds.png)."""
+    workdir = Path(workdir).resolve()
+    began = time.perf_counter()
+    runs = {}
+    for seed in seeds:
+        (progress or log.info)(f"seed {seed}: {workdir / f'seed-{seed}'}")
+        runs[seed] = run_demo(workdir / f"seed-{seed}", alphas, seed=seed, scale=scale, storage=storage,
+                              show_progress=show_progress, progress=progress)
+    summary = {"workdir": str(workdir), "seeds": list(seeds), "scale": scale, "alphas": list(alphas),
+               "rows": seeds_rows(runs), "seconds": round(time.perf_counter() - began, 1),
+               "seconds_per_seed": {str(s): r["seconds"] for s, r in runs.items()}}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "seeds.png").write_bytes(plot_seeds(runs))
+    (workdir / "seeds-report.md").write_text("\n".join(
+        ["# expo-ray demo across seeds", "", *seeds_table(summary), "", "![recommended alpha per seed](seeds.png)", ""]),
+        encoding="utf-8")
+    (workdir / "seeds-summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    summary["runs"] = runs
+    return summary
+
+
+def seeds_rows(runs: dict) -> list[dict]:
+    """Per seed and model: the recommended alpha, its paired gain over alpha 0, the rule's case."""
+    rows = []
+    for seed, summary in runs.items():
+        for name, d in summary["dpo"].items():
+            f = d["finding"]
+            rows.append({"seed": seed, "model": name, "recommended_alpha": f["best_alpha"],
+                         "highest_mean_alpha": f["highest_mean_alpha"], "alpha0_reward": f["alpha0_reward"],
+                         "gain": f["gain"], "gain_low": f["gain_low"], "gain_high": f["gain_high"],
+                         "significant_gain": d["selection"]["significant_gain"],
+                         "large_alpha_degrades": f["large_alpha_degrades"]})
+    return rows
+
+
+def seeds_table(summary: dict) -> list[str]:
+    lines = ["| model | seed | recommended alpha | highest mean at | reward at alpha 0 | gain, paired [CI] | significant "
+             "| largest alpha below alpha 0 |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(summary["rows"], key=lambda r: (r["model"], r["seed"])):
+        gain = "-" if r["gain"] is None else f"{r['gain']:+.3f} [{r['gain_low']:+.3f}, {r['gain_high']:+.3f}]"
+        lines.append(f"| {r['model']} | {r['seed']} | {r['recommended_alpha']:g} | {r['highest_mean_alpha']:g} | "
+                     f"{r['alpha0_reward']:.3f} | {gain} | {'yes' if r['significant_gain'] else 'no'} | "
+                     f"{'yes' if r['large_alpha_degrades'] else 'no'} |")
+    return lines
+
+
+def plot_seeds(runs: dict) -> bytes:
+    """Left: reward against alpha, one line per seed and model; right: the recommended alpha's
+    paired gain over alpha 0 with its interval, per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_c, ax_g) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    colors = {"dpo_small": "tab:blue", "dpo_large": "tab:orange"}
+    seeds = list(runs)
+    for i, (seed, summary) in enumerate(runs.items()):
+        for j, (name, d) in enumerate(summary["dpo"].items()):
+            points = [r for r in d["results"] if r["alpha"] is not None]
+            ax_c.plot([r["alpha"] for r in points], [r["mean_reward"] for r in points], marker="o", markersize=3,
+                      color=colors.get(name), alpha=0.8, linestyle=("-", "--", ":", "-.")[i % 4],
+                      label=f"{name}, seed {seed}")
+            f = d["finding"]
+            x = i + (j - 0.5) * 0.25
+            if f["gain"] is not None:
+                ax_g.errorbar([x], [f["gain"]], yerr=[[f["gain"] - f["gain_low"]], [f["gain_high"] - f["gain"]]],
+                              marker="o", capsize=3, color=colors.get(name), label=name if i == 0 else None)
+                ax_g.annotate(f"alpha {f['best_alpha']:g}", (x, f["gain_high"]), ha="center", va="bottom", fontsize=7)
+    ax_c.set_xscale("symlog", linthresh=1.0)
+    ax_c.set_xlim(left=-0.1)
+    ax_c.set_xlabel("alpha (symmetric log scale)")
+    ax_c.set_ylabel("mean reward")
+    ax_c.legend(fontsize=6)
+    ax_g.axhline(0, color="gray", linewidth=0.8)
+    ax_g.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+    ax_g.set_ylabel("gain of the recommended alpha over alpha 0\n(paired, family-wise 95% CI)")
+    ax_g.legend(fontsize=8)
+    fig.suptitle("expo-ray demo across seeds", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

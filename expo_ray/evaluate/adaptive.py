@@ -12,8 +12,9 @@ budget. The schedule:
    ``refine_steps`` rounds.
 3. **Confirmation**: what budget is left extends the two best points towards all prompts.
 
-The winner is the best mean reward among the points evaluated on the most prompts (ties: the
-smaller alpha), so it is never chosen on less evidence than its closest rival.
+The winner and the runner-up follow :mod:`.selection`'s rule among the points evaluated on the
+most prompts (so the winner is never chosen on less evidence than its closest rival), paired on
+the prompts both points share, with alpha 0 as the baseline wherever the grid has it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .aggregate import bootstrap_ci
+from .selection import Selection, runner_up, select_alpha
 
 
 @dataclass
@@ -49,6 +51,7 @@ class SearchOutcome:
     generations: int
     budget: int
     grid_generations: int
+    selection: Selection | None = None
 
 
 class _Budget(Exception):
@@ -127,10 +130,12 @@ def adaptive_search(evaluate: Callable[[float, int], Sequence[float]], grid: Seq
                 run(p.alpha, n, "confirm")
     except _Budget:
         log(f"budget of {budget} generations reached")
+    rewards = {a: p.rewards for a, p in points.items()}
     most = max(p.n for p in points.values())
-    ranked = _ranked([p for p in points.values() if p.n == most], most)
-    runner_up = ranked[1].alpha if len(ranked) > 1 else None
-    return SearchOutcome(points, ranked[0].alpha, runner_up, spent, budget, len(grid) * n_prompts)
+    finalists = [a for a, p in points.items() if p.n == most]
+    chosen = select_alpha(rewards, candidates=finalists)
+    second = runner_up(rewards, chosen, candidates=finalists + ([0.0] if 0.0 in points else []))
+    return SearchOutcome(points, chosen.recommended, second, spent, budget, len(grid) * n_prompts, chosen)
 
 
 def _refinements(best: float, evaluated: list[float]) -> list[float]:

@@ -1,14 +1,16 @@
 """Per-alpha statistics of scored responses and the choice of alpha.
 
 Mean reward with a 95% bootstrap interval, mean response length, share of truncated answers,
-and the paired win rate against alpha = 0 (the aligned model) on the same prompts. The best
-alpha has the highest mean reward; ties go to the smaller alpha.
+and, paired with alpha = 0 (the aligned model) on the same prompts, the gain with its interval
+and the win rate. Which alpha is recommended is :mod:`.selection`'s rule.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+
+from .selection import Selection, select_alpha
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -32,9 +34,18 @@ class AlphaStats:
     mean_tokens: float
     truncated_share: float
     win_rate_vs_aligned: float | None
+    gain_vs_aligned: float | None = None   # paired mean difference from alpha 0 ...
+    gain_ci_low: float | None = None       # ... and its interval (see .selection)
+    gain_ci_high: float | None = None
+    tied_with_best: bool | None = None
+    recommended: bool = False
+    # the rewards in the prompt order shared by every label, for the selection (not reported)
+    rewards: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("rewards")
+        return d
 
 
 def bootstrap_ci(values: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
@@ -60,8 +71,11 @@ def summarize(results: dict[str, list[Scored]], alphas: dict[str, float | None],
     """Stats per label, ordered SFT first then by alpha. `alphas` maps label -> alpha (None: SFT)."""
     baseline_label = next((l for l, a in alphas.items() if a == 0.0), None)
     baseline = {s.prompt_id: s.reward for s in results.get(baseline_label, [])} if baseline_label else {}
+    id_sets = [{s.prompt_id for s in v} for v in results.values()]
+    shared = [p for p in (s.prompt_id for s in next(iter(results.values()), [])) if all(p in ids for ids in id_sets)]
     stats = []
     for label, scored in results.items():
+        by_prompt = {s.prompt_id: s.reward for s in scored}
         rewards = np.array([s.reward for s in scored], dtype=np.float64)
         low, high = bootstrap_ci(rewards, seed)
         stats.append(AlphaStats(
@@ -71,11 +85,30 @@ def summarize(results: dict[str, list[Scored]], alphas: dict[str, float | None],
             truncated_share=float(np.mean([s.finish_reason == "length" for s in scored])) if scored else float("nan"),
             win_rate_vs_aligned=(win_rate({s.prompt_id: s.reward for s in scored}, baseline)
                                  if baseline and label != baseline_label else (0.5 if label == baseline_label else None)),
+            rewards=tuple(by_prompt[p] for p in shared),
         ))
-    return sorted(stats, key=lambda s: (s.alpha is not None, s.alpha if s.alpha is not None else 0.0))
+    stats = sorted(stats, key=lambda s: (s.alpha is not None, s.alpha if s.alpha is not None else 0.0))
+    chosen = select(stats)
+    if chosen is None:
+        return stats
+    out = []
+    for s in stats:
+        p = chosen.points.get(s.alpha) if s.alpha is not None else None
+        if p is None:
+            out.append(s)
+            continue
+        out.append(replace(s, gain_vs_aligned=p.gain, gain_ci_low=p.gain_low, gain_ci_high=p.gain_high,
+                           win_rate_vs_aligned=p.win_rate if p.win_rate is not None else s.win_rate_vs_aligned,
+                           tied_with_best=p.tied_with_best, recommended=s.alpha == chosen.recommended))
+    return out
 
 
-def best_alpha(stats: list[AlphaStats]) -> AlphaStats:
-    """Highest mean reward among the extrapolated variants (and alpha 0); ties to the smaller alpha."""
-    candidates = [s for s in stats if s.alpha is not None]
-    return min(candidates, key=lambda s: (-s.mean_reward, s.alpha))
+def select(stats: list[AlphaStats]) -> Selection | None:
+    """The selection rule over the alphas of ``stats`` (SFT excluded), on their shared prompts."""
+    points = {s.alpha: s.rewards for s in stats if s.alpha is not None and s.rewards}
+    return select_alpha(points) if points else None
+
+
+def recommended_alpha(stats: list[AlphaStats]) -> AlphaStats:
+    """The alpha the selection rule recommends (marked by :func:`summarize`)."""
+    return next(s for s in stats if s.recommended)

@@ -28,6 +28,7 @@ from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settin
 from .models import checkpoint_identity, model_config
 from .pipeline import EngineSettings, _stop, engine_kwargs, start_reward_actor, uses_gpus
 from .prompts import PromptSet
+from .selection import describe
 
 log = logging.getLogger("expo_ray")
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -125,12 +126,17 @@ def _report(outcome: SearchOutcome, evaluator: _Evaluator, context: dict) -> dic
         stats = point_stats(outcome.points[alpha])
         answers = evaluator.answers.get(alpha, [])
         stats["mean_tokens"] = sum(a["tokens"] for a in answers) / len(answers) if answers else None
+        paired = outcome.selection.points.get(alpha)
+        stats.update({"gain_vs_aligned": paired.gain, "gain_ci_low": paired.gain_low, "gain_ci_high": paired.gain_high,
+                      "win_rate_vs_aligned": paired.win_rate, "tied_with_best": paired.tied_with_best}
+                     if paired else {"gain_vs_aligned": None, "tied_with_best": None})
         points.append(stats)
     swaps = evaluator.swap_seconds
     return {
         "format": "expo-ray.search/1", **context,
         "best": {"alpha": outcome.best, **next(p for p in points if p["alpha"] == outcome.best)},
         "runner_up": outcome.runner_up,
+        "selection": {**outcome.selection.summary(), "statement": describe(outcome.selection)},
         "generations": outcome.generations, "budget": outcome.budget,
         "grid_generations": outcome.grid_generations,
         "swaps": len(swaps), "swap_seconds_mean": round(sum(swaps) / len(swaps), 3) if swaps else None,
@@ -158,13 +164,19 @@ def search_markdown(report: dict) -> str:
         f"- prompts: `{report['prompts']}` ({report['n_prompts']})", f"- reward model: `{report['reward_model']}`",
         f"- generations: {report['generations']} of a budget of {report['budget']} "
         f"(the full grid would take {report['grid_generations']})",
-        "", f"**Best alpha: {best['alpha']:g}** (mean reward {best['mean_reward']:.3f} on {best['n']} prompts)", "",
-        "| alpha | prompts | mean reward | 95% CI | mean tokens | added in |", "|---|---|---|---|---|---|",
+        "", f"**Recommended alpha: {best['alpha']:g}** (mean reward {best['mean_reward']:.3f} on {best['n']} prompts"
+        + (f"; runner-up {report['runner_up']:g})" if report.get("runner_up") is not None else ")"), "",
+        f"Selection: {report['selection']['statement']}. Paired statistics use the prompts both points share.", "",
+        "| alpha | prompts | mean reward | 95% CI | gain vs alpha=0 (paired) | tied with best | mean tokens | added in |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in report["points"]:
         tokens = "-" if p["mean_tokens"] is None else f"{p['mean_tokens']:.1f}"
+        gain = "-" if p.get("gain_vs_aligned") is None else \
+            f"{p['gain_vs_aligned']:+.3f} [{p['gain_ci_low']:+.3f}, {p['gain_ci_high']:+.3f}]"
+        tied = {None: "-", True: "yes", False: "no"}[p.get("tied_with_best")]
         lines.append(f"| {p['alpha']:g} | {p['n']} | {p['mean_reward']:.3f} | [{p['ci_low']:.3f}, {p['ci_high']:.3f}] "
-                     f"| {tokens} | {p['phase']} |")
+                     f"| {gain} | {tied} | {tokens} | {p['phase']} |")
     return "\n".join(lines + ["", f"![reward against alpha]({report['plot']})", ""])
 
 
