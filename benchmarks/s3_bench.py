@@ -81,7 +81,15 @@ def main() -> None:
         t = time.perf_counter()
         from expo_ray.ray_runtime import note_worker_env
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        for attempt in range(3):  # on a loaded machine the raylet can miss its start-up deadline
+            try:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+                break
+            except Exception:  # noqa: BLE001 - Ray raises a bare Exception for this
+                if attempt == 2:
+                    raise
+                ray.shutdown()
+                time.sleep(5)
         note_worker_env()
         ray_start = time.perf_counter() - t
         t = time.perf_counter()
