@@ -69,7 +69,7 @@ def _needs(extra: str, *modules: str) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExpoError(f"this command needs {', '.join(missing)}, which is not installed: pip install "
+        raise ExpoError(f"this command needs {', '.join(missing)} (not installed): pip install "
                         f"'expo-ray[{extra}]' (on a machine without a GPU, vLLM comes from scripts/install_vllm.sh)")
 
 
