@@ -54,6 +54,8 @@ def main(verbose: bool, quiet: bool) -> None:
     s3://bucket/prefix or hf://org/name[@revision]. DST is a local path or s3://bucket/prefix.
     """
     _setup_logging(verbose, quiet)
+    if not sys.stderr.isatty():  # nor the Hugging Face libraries' bars (download, save_pretrained)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if verbose:
         os.environ["EXPO_RAY_ENGINE_LOGS"] = "live"  # Ray workers inherit the driver's environment
 
