@@ -66,6 +66,8 @@ def main(verbose: bool, quiet: bool) -> None:
         except (AttributeError, ValueError):
             pass
     _setup_logging(verbose, quiet)
+    if not sys.stderr.isatty():  # nor the Hugging Face libraries' bars (download, save_pretrained)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if verbose:
         os.environ["EXPO_RAY_ENGINE_LOGS"] = "live"  # Ray workers inherit the driver's environment
 
@@ -81,7 +83,7 @@ def _needs(extra: str, *modules: str) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExpoError(f"this command needs {', '.join(missing)}, which is not installed: pip install "
+        raise ExpoError(f"this command needs {', '.join(missing)} (not installed): pip install "
                         f"'expo-ray[{extra}]' (on a machine without a GPU, vLLM comes from scripts/install_vllm.sh)")
 
 
