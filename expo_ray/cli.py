@@ -214,12 +214,16 @@ def _eval_options(f):
                      help="Tensor-parallel size of each generation engine (8 for 70B)."),
         click.option("--reward-tp", type=click.IntRange(1), default=1, show_default=True,
                      help="Tensor-parallel size of the reward engine."),
+        click.option("--gpu/--cpu", "use_gpu", default=None,
+                     help="Run the engines on GPUs or on CPUs (default: GPUs, unless the installed vLLM is a "
+                          "CPU build). On an autoscaling cluster GPU nodes are started on demand."),
         click.option("--max-engines", type=click.IntRange(1), default=None,
-                     help="Generation engines in parallel (default: as many as the cluster holds at once; "
-                          "one per node on CPU-only machines)."),
-        click.option("--swap/--no-swap", default=True, show_default=True,
+                     help="Generation engines in parallel (default: as many as the cluster can grow to, from "
+                          "the autoscaler's node types; one per node for CPU engines)."),
+        click.option("--swap/--no-swap", default=None,
                      help="An engine serves model after model, loading each one's weights in place "
-                          "instead of restarting (models of another shape get their own engine)."),
+                          "instead of restarting (models of another shape get their own engine). Default: on "
+                          "when the installed vLLM is a version swapping was tested with."),
         click.option("--include-sft", is_flag=True, help="Also evaluate the SFT model."),
         click.option("--temperature", type=float, default=0.7, show_default=True),
         click.option("--top-p", type=float, default=0.9, show_default=True),
@@ -252,7 +256,7 @@ def _eval_inputs(o):
                                   "max_tokens", "seed")}
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
                               trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"],
-                              swap=o["swap"])
+                              swap=o["swap"], use_gpu=o["use_gpu"])
     return prompts, sampling, settings
 
 

@@ -23,6 +23,13 @@ Every problem names the file, the line and the key, before any work starts:
       reward_tp: 1
       include_sft: false
       sampling: {temperature: 0.7, top_p: 0.9, top_k: 50, max_tokens: 2048, seed: 42}
+      # Engine options, as on the command line (all optional):
+      device: gpu                                 # gpu | cpu (default: gpu unless vLLM is a CPU build)
+      max_engines: 2                              # generation engines at once (default: what the cluster grows to)
+      swap: true                                  # weights swapped in place (default: with a tested vLLM)
+      max_model_len: 4096
+      dtype: auto                                 # auto | bfloat16 | float16 | float32
+      trust_remote_code: false
 """
 from __future__ import annotations
 
@@ -44,7 +51,10 @@ PAIR_KEYS = {"name": False, "sft": True, "aligned": True, "alphas": False, "rule
 MODES = ("grid", "search")
 RULE_KEYS = {"scale": False, "layer_scales": False, "exclude": False}
 EVAL_KEYS = {"prompts": True, "reward_model": True, "tp": False, "reward_tp": False, "include_sft": False,
-             "sampling": False}
+             "sampling": False, "device": False, "max_engines": False, "swap": False, "max_model_len": False,
+             "dtype": False, "trust_remote_code": False}
+DEVICES = {"gpu": True, "cpu": False}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 PROMPT_KEYS = {"set": True, "limit": False, "sample": False, "seed": False, "field": False}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -70,6 +80,20 @@ class EvalSpec:
     reward_tp: int = 1
     include_sft: bool = False
     sampling: dict = field(default_factory=dict)
+    use_gpu: bool | None = None
+    max_engines: int | None = None
+    swap: bool | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def engine_settings(self):
+        """The engine options of this evaluation, as ``expo-ray evaluate`` takes them."""
+        from .evaluate.pipeline import EngineSettings
+
+        return EngineSettings(tp=self.tp, reward_tp=self.reward_tp, use_gpu=self.use_gpu,
+                              max_model_len=self.max_model_len, trust_remote_code=self.trust_remote_code,
+                              max_engines=self.max_engines, dtype=self.dtype, swap=self.swap)
 
 
 @dataclass(frozen=True)
@@ -286,9 +310,22 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
                 for k, v in sampling.items():
                     if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                         c.fail(c.at(sampling, k), f"evaluation.sampling.{k}", "must be a non-negative number")
+            device = e.get("device")
+            if device is not None and device not in DEVICES:
+                c.fail(c.at(e, "device"), "evaluation.device", f"{device!r}: use gpu or cpu")
+            dtype = e.get("dtype", "auto")
+            if dtype not in DTYPES:
+                c.fail(c.at(e, "dtype"), "evaluation.dtype", f"{dtype!r}: use one of {', '.join(DTYPES)}")
+            swap = e.get("swap")
+            if swap is not None and not isinstance(swap, bool):
+                c.fail(c.at(e, "swap"), "evaluation.swap", "must be true or false")
             evaluation = EvalSpec(tuple(prompts), c.string(e, "reward_model", "evaluation") or "",
                                   c.integer(e, "tp", "evaluation", 1), c.integer(e, "reward_tp", "evaluation", 1),
-                                  c.boolean(e, "include_sft", "evaluation"), dict(sampling) if isinstance(sampling, dict) else {})
+                                  c.boolean(e, "include_sft", "evaluation"), dict(sampling) if isinstance(sampling, dict) else {},
+                                  DEVICES.get(device), c.integer(e, "max_engines", "evaluation", None),
+                                  swap if isinstance(swap, bool) else None,
+                                  c.integer(e, "max_model_len", "evaluation", None, minimum=16),
+                                  dtype if dtype in DTYPES else "auto", c.boolean(e, "trust_remote_code", "evaluation"))
     if evaluation is None:
         for i, p in enumerate(raw_pairs):
             if isinstance(p, dict) and p.get("mode") == "search":

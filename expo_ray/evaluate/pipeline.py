@@ -24,6 +24,7 @@ from .aggregate import Scored, summarize
 from .models import ModelRef, checkpoint_identity, local_path, models_to_evaluate
 from .prompts import PromptSet
 from .report import write_report
+from .vllm_support import installed_version, resolve_swap
 
 log = logging.getLogger("expo_ray")
 SEEDING = "seed-per-prompt"  # part of every generation cache key: how sampling seeds are drawn
@@ -33,21 +34,25 @@ SEEDING = "seed-per-prompt"  # part of every generation cache key: how sampling 
 class EngineSettings:
     tp: int = 1
     reward_tp: int = 1
-    use_gpu: bool | None = None     # None: GPUs if the cluster has any
+    use_gpu: bool | None = None     # None: GPUs, unless the installed vLLM is a CPU build
     max_model_len: int | None = None
     trust_remote_code: bool = False
-    max_engines: int | None = None  # generation engines in parallel (default: as many as fit)
+    max_engines: int | None = None  # generation engines in parallel (default: as many as the cluster grows to)
     dtype: str = "auto"             # vLLM dtype of every engine
-    swap: bool = True               # an engine serves model after model, swapping weights in place
+    swap: bool | None = None        # an engine serves model after model, swapping weights in place
+                                    # (None: when the installed vLLM is a version swapping was tested with)
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def uses_gpus(ray, settings: EngineSettings) -> bool:
-    """Whether engines run on GPUs: as set, or when the cluster has any."""
-    return ray.cluster_resources().get("GPU", 0) > 0 if settings.use_gpu is None else settings.use_gpu
+def plan_for(ray, settings: EngineSettings, models: int = 1):
+    """The engines of one evaluation or search on the connected cluster (refuses what can never fit)."""
+    from .placement import plan_engines
+
+    return plan_engines(ray, tp=settings.tp, reward_tp=settings.reward_tp, use_gpu=settings.use_gpu,
+                        max_engines=settings.max_engines, models=models)
 
 
 def engine_kwargs(placement, settings: EngineSettings) -> dict:
@@ -56,12 +61,10 @@ def engine_kwargs(placement, settings: EngineSettings) -> dict:
     return {**kwargs, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
 
 
-def start_reward_actor(reward_model: str, settings: EngineSettings, use_gpu: bool):
+def start_reward_actor(reward_model: str, settings: EngineSettings, placement):
     """A reward actor for ``reward_model`` (a remote one is copied to its node's disk once)."""
     from .actors import reward_actor
-    from .placement import plan_engine
 
-    placement = plan_engine(settings.reward_tp, use_gpu=use_gpu)
     return reward_actor().options(**task_options(**placement.actor_options)).remote(
         reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None,
         **engine_kwargs(placement, settings))
@@ -76,29 +79,19 @@ def _stop(ray, actor) -> None:
     ray.kill(actor)
 
 
-def _engines_that_fit(ray, settings: EngineSettings, use_gpu: bool) -> int:
-    """How many engines the cluster holds at once (one per node on CPU machines)."""
-    from .placement import engines_that_fit
-
-    gpus = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    return max(1, engines_that_fit(settings.tp, gpus, use_gpu))
-
-
-def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, save) -> None:
+def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, plan, swap: bool, save) -> None:
     """Up to max_engines engines; each result is saved as it arrives.
 
-    With ``settings.swap`` an engine that finished one model loads the next model's weights in
+    With ``swap`` an engine that finished one model loads the next model's weights in
     place (no restart) when its tensors fit; a model that does not fit gets an engine of its own.
     Without it every model gets a new engine. By default as many engines run as the cluster holds
-    at once with swapping, one per model without (Ray queues what does not fit).
+    can grow to with swapping, one per model without (Ray queues what does not fit).
     """
     from .actors import generation_actor
-    from .placement import plan_engine
 
-    placement = plan_engine(settings.tp, use_gpu=use_gpu)
-    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=settings.swap)
-    default = _engines_that_fit(ray, settings, use_gpu) if settings.swap else len(todo)
-    n_engines = max(1, min(len(todo), settings.max_engines or default))
+    placement = plan.generation
+    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=swap)
+    n_engines = plan.engines if swap else max(1, min(len(todo), settings.max_engines or len(todo)))
     queue, running = list(todo), {}
 
     def start(m: ModelRef):
@@ -127,7 +120,7 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
                     continue
             save(m, ray.get(done[0]))
             log.info("generated %s (%d answers)", m.label, len(texts))
-            if queue and settings.swap:
+            if queue and swap:
                 submit(queue.pop(0), actor, True)
             else:
                 _stop(ray, actor)
@@ -164,15 +157,16 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
              len(models), len(texts), prompts.name, len(todo))
 
     ray = ensure_ray(address)
-    use_gpu = uses_gpus(ray, settings)
+    plan = plan_for(ray, settings, len(todo))
+    swap = resolve_swap(settings.swap, installed_version()) if todo else False
     if todo:
-        _generate_all(ray, todo, texts, sampling, settings, use_gpu,
+        _generate_all(ray, todo, texts, sampling, settings, plan, swap,
                       lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode()))
 
     reward_keys = {m.label: _key(gen_keys[m.label], reward_id) for m in models}
     to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
     if to_score:
-        scorer = start_reward_actor(reward_model, settings, use_gpu)
+        scorer = start_reward_actor(reward_model, settings, plan.reward)
         try:
             for m in to_score:
                 generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
@@ -196,6 +190,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     context = {"title": title or variants_uri, "variants": variants_uri, "prompts": prompts.source,
                "prompt_set": prompts.name, "n_prompts": len(texts), "reward_model": reward_model,
                "sampling": sampling, "tensor_parallel_size": settings.tp,
+               "engines": {"device": "GPU" if plan.generation.use_gpu else "CPU", "generation": plan.engines},
                "models": {m.label: m.uri for m in models}, "seconds": round(time.perf_counter() - began, 1)}
     report = write_report(out, stats, context)
     report["location"] = out.uri
