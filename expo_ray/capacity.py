@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,13 +205,21 @@ def _monitor_config_path() -> str | None:
 
 
 def _autoscaler_running() -> bool:
+    """Whether an autoscaler can add nodes. A plain local instance runs a read-only one whose node
+    types are its live nodes (named ``node_<id>``): that one cannot."""
     try:
         from ray._private import ray_constants
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
         from ray.experimental.internal_kv import _internal_kv_get
 
-        return bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
     except Exception:  # noqa: BLE001 - no status published: no autoscaler
         return False
+    report = status.get("autoscaler_report") or {}
+    types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
+    return any(not re.fullmatch(r"node_[0-9a-f]{56}", t) for t in types)
 
 
 def engine_request(actor_options: dict) -> dict:

@@ -72,3 +72,23 @@ def test_vllm_build_and_version_guard(caplog):
         resolve_swap(True, "0.29.0")
     with pytest.raises(ExpoError, match="expo-ray search needs it"):
         resolve_swap(None, "0.29.0", needed_by="expo-ray search")
+
+
+def test_a_task_no_node_can_hold_fails_within_seconds(pair_factory, tmp_path):
+    """`--chunk-mib 65536` on a machine with less memory: one error line, not a task waiting forever."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    sft, aligned = pair_factory(dtype="float32")
+    began = time.perf_counter()
+    run = subprocess.run([str(Path(sys.executable).parent / "expo-ray"), "extrapolate", "--sft", str(sft),
+                          "--aligned", str(aligned), "--alpha", "0.5", "--out", str(tmp_path / "out"),
+                          "--chunk-mib", "65536", "--no-progress"], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 1 and time.perf_counter() - began < 90
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr
+    assert errors[0].startswith("error: an extrapolation task (--chunk-mib 65536) asks for 64.")
+    assert "GiB of memory on one node, but the largest node of the cluster (live nodes) has" in errors[0]
+    assert not (tmp_path / "out" / "alpha_0.5" / "manifest.json").exists()

@@ -73,3 +73,20 @@ def test_example_sweeps_in_jobs_parse():
     for p in specs:
         assert load_spec(str(p)).pairs
     assert load_spec(str(specs[1])).evaluation.tp == 8
+
+
+def test_engine_options_are_spec_keys_as_on_the_command_line():
+    from expo_ray.evaluate.pipeline import EngineSettings
+
+    engine = ("  device: cpu\n  max_engines: 2\n  swap: false\n  max_model_len: 4096\n  dtype: bfloat16\n"
+              "  trust_remote_code: true\n")
+    spec = parse_spec(GOOD + engine, "s.yaml")
+    assert spec.evaluation.engine_settings() == EngineSettings(
+        tp=8, reward_tp=1, use_gpu=False, max_engines=2, swap=False, max_model_len=4096, dtype="bfloat16",
+        trust_remote_code=True)
+    assert parse_spec(GOOD, "s.yaml").evaluation.engine_settings() == EngineSettings(tp=8)
+    with pytest.raises(SpecError) as e:
+        parse_spec(GOOD + "  device: tpu\n  dtype: int8\n  swap: maybe\n  max_engines: 0\n", "s.yaml")
+    for message in ("evaluation.device: 'tpu': use gpu or cpu", "evaluation.dtype: 'int8'",
+                    "evaluation.swap: must be true or false", "evaluation.max_engines: must be an integer >= 1"):
+        assert message in str(e.value)
