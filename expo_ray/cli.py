@@ -237,6 +237,9 @@ def _eval_options(f):
                      type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="vLLM dtype of the engines."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow model code from the checkpoints to run (off by default)."),
+        click.option("--chat-template", "chat_template_file", default=None, metavar="FILE",
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="A Jinja chat template for the generation models (for tokenizers that have none)."),
         click.option("--eval-out", default=None, metavar="DST",
                      help="Where responses, rewards and the report go (default: VARIANTS/eval/<set>-<id>)."),
     ]
@@ -256,8 +259,18 @@ def _eval_inputs(o):
                                   "max_tokens", "seed")}
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
                               trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"],
-                              swap=o["swap"], use_gpu=o["use_gpu"])
+                              swap=o["swap"], use_gpu=o["use_gpu"],
+                              chat_template=_read_text(o["chat_template_file"]))
     return prompts, sampling, settings
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExpoError(f"{path}: cannot read the chat template ({exc})") from None
 
 
 def _run_evaluation(variants, o, address):

@@ -109,13 +109,18 @@ def _search_pair(spec: SweepSpec, pair: PairSpec, outcome: PairOutcome, address:
     # Pairs run in parallel: a search holding two engines while another waits for its second could
     # wait forever on a small cluster, so with several pairs the engines of a search take turns.
     report = search_alpha(pair.sft, pair.aligned, prompts, e.reward_model, out_uri=outcome.variants_uri,
-                          sampling=e.sampling, settings=e.engine_settings(),
+                          sampling=e.sampling, settings=_pair_settings(e, pair),
                           search=SearchSettings(grid=pair.alphas, budget=pair.budget,
                                                 time_share=True if len(spec.pairs) > 1 else None), address=address,
                           plan_options=pair.plan_options)
     outcome.work_done = True
     log.info("%s: search chose alpha %g after %d generations", pair.name, report["best"]["alpha"], report["generations"])
     return float(report["best"]["alpha"])
+
+
+def _pair_settings(e, pair: PairSpec):
+    settings = e.engine_settings()
+    return dataclasses.replace(settings, chat_template=pair.chat_template) if pair.chat_template else settings
 
 
 def _evaluate_pair(spec: SweepSpec, outcome: PairOutcome) -> list[dict]:
@@ -127,7 +132,7 @@ def _evaluate_pair(spec: SweepSpec, outcome: PairOutcome) -> list[dict]:
     for ps in e.prompts:
         prompts = load_prompts(ps.set, field=ps.field, limit=ps.limit, sample=ps.sample, seed=ps.seed)
         report = evaluate_variants(outcome.variants_uri, prompts, e.reward_model, sampling=e.sampling,
-                                   settings=e.engine_settings(),
+                                   settings=_pair_settings(e, outcome.pair),
                                    include_sft=e.include_sft, title=outcome.pair.name)
         outcome.work_done |= report.get("work_done", False)
         reports.append(report)

@@ -13,6 +13,7 @@ Every problem names the file, the line and the key, before any work starts:
                                                   # search: adaptive search on one hot-swapping engine over
                                                   # the first prompt set, only the winner is materialized
         budget: 1500                              # search only: generations (default: half the grid's)
+        chat_template: "{{ messages[0]['content'] }}"  # optional: for a tokenizer without one
         rules: {scale: ["*.mlp.*=0.5"], layer_scales: "1,1,1.5", exclude: ["lm_head.weight"]}
         copy_unmatched: false
         allow_added_rows: false
@@ -47,7 +48,8 @@ from .errors import ExpoError
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed", "max_tokens")
 TOP_KEYS = {"destination": True, "alphas": False, "pairs": True, "evaluation": False, "chunk_mib": False}
 PAIR_KEYS = {"name": False, "sft": True, "aligned": True, "alphas": False, "rules": False,
-             "copy_unmatched": False, "allow_added_rows": False, "mode": False, "budget": False}
+             "copy_unmatched": False, "allow_added_rows": False, "mode": False, "budget": False,
+             "chat_template": False}
 MODES = ("grid", "search")
 RULE_KEYS = {"scale": False, "layer_scales": False, "exclude": False}
 EVAL_KEYS = {"prompts": True, "reward_model": True, "tp": False, "reward_tp": False, "include_sft": False,
@@ -109,6 +111,7 @@ class PairSpec:
     allow_added_rows: bool = False
     mode: str = "grid"
     budget: int | None = None
+    chat_template: str | None = None   # Jinja text, for models whose tokenizer has no chat template
 
     @property
     def plan_options(self) -> dict:
@@ -285,7 +288,8 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
                                   layer_scales if isinstance(layer_scales, str) else None,
                                   tuple(exclude) if isinstance(exclude, list) else (),
                                   c.boolean(p, "copy_unmatched", what), c.boolean(p, "allow_added_rows", what),
-                                  mode if mode in MODES else "grid", budget))
+                                  mode if mode in MODES else "grid", budget,
+                                  c.string(p, "chat_template", what, required=False)))
     evaluation = None
     if raw.get("evaluation") is not None:
         e = raw["evaluation"]

@@ -58,9 +58,10 @@ class AutoscalingCluster(RayHead):
         super().start()
         return self
 
-    def ray_list(self, what: str, *filters: str) -> list[dict]:
+    def ray_list(self, what: str, *filters: str, detail: bool = False) -> list[dict]:
         """`ray list <what>` of this cluster (the state API), as dicts."""
         cmd = ["ray", "list", what, "--format", "json", "--limit", "10000", "--address", self.address]
+        cmd += ["--detail"] if detail else []
         for f in filters:
             cmd += ["--filter", f]
         run = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=120)

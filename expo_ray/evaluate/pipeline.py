@@ -41,6 +41,7 @@ class EngineSettings:
     dtype: str = "auto"             # vLLM dtype of every engine
     swap: bool | None = None        # an engine serves model after model, swapping weights in place
                                     # (None: when the installed vLLM is a version swapping was tested with)
+    chat_template: str | None = None  # for generation models whose tokenizer has none (Jinja text)
 
 
 def _key(*parts) -> str:
@@ -59,6 +60,11 @@ def engine_kwargs(placement, settings: EngineSettings) -> dict:
     """What every engine gets: the placement's tensor parallelism and executor, trust and dtype."""
     kwargs = {k: v for k, v in placement.engine_kwargs().items() if v is not None}
     return {**kwargs, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
+
+
+def generation_kwargs(settings: EngineSettings) -> dict:
+    """What generation engines get beyond placement: a chat template override when there is one."""
+    return {"chat_template": settings.chat_template} if settings.chat_template else {}
 
 
 def start_reward_actor(reward_model: str, settings: EngineSettings, placement):
@@ -90,7 +96,8 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
     from .actors import generation_actor
 
     placement = plan.generation
-    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=swap)
+    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=swap,
+                  **generation_kwargs(settings))
     n_engines = plan.engines if swap else max(1, min(len(todo), settings.max_engines or len(todo)))
     queue, running = list(todo), {}
 
@@ -151,7 +158,9 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
 
     texts = [p.text for p in prompts.prompts]
-    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len, SEEDING) for m in models}
+    template = [settings.chat_template] if settings.chat_template else []  # absent: earlier caches stay valid
+    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len, SEEDING, *template)
+                for m in models}
     todo = [m for m in models if not out.exists(f"cache/generations-{gen_keys[m.label]}.json")]
     log.info("evaluating %d model(s) on %d prompts (%s); %d need generation, the rest are cached",
              len(models), len(texts), prompts.name, len(todo))

@@ -26,7 +26,7 @@ from ..ray_runtime import ensure_ray, task_options
 from ..storage import open_storage
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
 from .models import checkpoint_identity, local_path
-from .pipeline import EngineSettings, _stop, engine_kwargs, plan_for, start_reward_actor
+from .pipeline import EngineSettings, _stop, engine_kwargs, generation_kwargs, plan_for, start_reward_actor
 from .prompts import PromptSet
 from .vllm_support import installed_version, resolve_swap
 
@@ -78,7 +78,8 @@ class _Evaluator:
             placement, aligned = self.plan.generation, self.aligned
             self.generator = generation_actor().options(**task_options(**placement.actor_options)).remote(
                 aligned, checkpoint_identity(aligned) if "://" in aligned else None, swappable=True,
-                max_model_len=self.settings.max_model_len, **engine_kwargs(placement, self.settings))
+                max_model_len=self.settings.max_model_len, **engine_kwargs(placement, self.settings),
+                **generation_kwargs(self.settings))
             self.serving, self.engine_starts = None, self.engine_starts + 1
         return self.generator
 
