@@ -240,6 +240,8 @@ def _eval_options(f):
         click.option("--chat-template", "chat_template_file", default=None, metavar="FILE",
                      type=click.Path(exists=True, dir_okay=False),
                      help="A Jinja chat template for the generation models (for tokenizers that have none)."),
+        click.option("--fail-on-long-prompts", is_flag=True,
+                     help="Refuse prompts longer than the model's context (default: skip them, counted in the report)."),
         click.option("--eval-out", default=None, metavar="DST",
                      help="Where responses, rewards and the report go (default: VARIANTS/eval/<set>-<id>)."),
     ]
@@ -260,7 +262,8 @@ def _eval_inputs(o):
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
                               trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"],
                               swap=o["swap"], use_gpu=o["use_gpu"],
-                              chat_template=_read_text(o["chat_template_file"]))
+                              chat_template=_read_text(o["chat_template_file"]),
+                              long_prompts="error" if o["fail_on_long_prompts"] else "skip")
     return prompts, sampling, settings
 
 

@@ -31,6 +31,7 @@ Every problem names the file, the line and the key, before any work starts:
       max_model_len: 4096
       dtype: auto                                 # auto | bfloat16 | float16 | float32
       trust_remote_code: false
+      fail_on_long_prompts: false                 # default: prompts longer than the context are skipped, counted
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ MODES = ("grid", "search")
 RULE_KEYS = {"scale": False, "layer_scales": False, "exclude": False}
 EVAL_KEYS = {"prompts": True, "reward_model": True, "tp": False, "reward_tp": False, "include_sft": False,
              "sampling": False, "device": False, "max_engines": False, "swap": False, "max_model_len": False,
-             "dtype": False, "trust_remote_code": False}
+             "dtype": False, "trust_remote_code": False, "fail_on_long_prompts": False}
 DEVICES = {"gpu": True, "cpu": False}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 PROMPT_KEYS = {"set": True, "limit": False, "sample": False, "seed": False, "field": False}
@@ -88,6 +89,7 @@ class EvalSpec:
     max_model_len: int | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
+    fail_on_long_prompts: bool = False
 
     def engine_settings(self):
         """The engine options of this evaluation, as ``expo-ray evaluate`` takes them."""
@@ -95,7 +97,8 @@ class EvalSpec:
 
         return EngineSettings(tp=self.tp, reward_tp=self.reward_tp, use_gpu=self.use_gpu,
                               max_model_len=self.max_model_len, trust_remote_code=self.trust_remote_code,
-                              max_engines=self.max_engines, dtype=self.dtype, swap=self.swap)
+                              max_engines=self.max_engines, dtype=self.dtype, swap=self.swap,
+                              long_prompts="error" if self.fail_on_long_prompts else "skip")
 
 
 @dataclass(frozen=True)
@@ -329,7 +332,8 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
                                   DEVICES.get(device), c.integer(e, "max_engines", "evaluation", None),
                                   swap if isinstance(swap, bool) else None,
                                   c.integer(e, "max_model_len", "evaluation", None, minimum=16),
-                                  dtype if dtype in DTYPES else "auto", c.boolean(e, "trust_remote_code", "evaluation"))
+                                  dtype if dtype in DTYPES else "auto", c.boolean(e, "trust_remote_code", "evaluation"),
+                                  c.boolean(e, "fail_on_long_prompts", "evaluation"))
     if evaluation is None:
         for i, p in enumerate(raw_pairs):
             if isinstance(p, dict) and p.get("mode") == "search":

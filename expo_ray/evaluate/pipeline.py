@@ -42,6 +42,7 @@ class EngineSettings:
     swap: bool | None = None        # an engine serves model after model, swapping weights in place
                                     # (None: when the installed vLLM is a version swapping was tested with)
     chat_template: str | None = None  # for generation models whose tokenizer has none (Jinja text)
+    long_prompts: str = "skip"      # a prompt longer than the context: "skip" (counted) or "error"
 
 
 def _key(*parts) -> str:
@@ -139,6 +140,35 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
             ray.kill(actor)
 
 
+def _fitting_prompts(models: list[ModelRef], prompts: PromptSet, settings: EngineSettings) -> tuple[PromptSet, dict]:
+    """The prompts every model's context holds, and a record of those skipped (or ExpoError)."""
+    import dataclasses
+
+    from .prompt_fit import prompts_too_long
+
+    texts = [p.text for p in prompts.prompts]
+    long: dict[int, int] = {}
+    for m in models:
+        if m.alpha is None or m.alpha == 0.0:  # variants share the aligned model's tokenizer
+            long.update(prompts_too_long(m.uri, texts, max_model_len=settings.max_model_len,
+                                         trust_remote_code=settings.trust_remote_code,
+                                         chat_template=settings.chat_template))
+    if not long:
+        return prompts, {"count": 0, "ids": []}
+    ids = [prompts.prompts[i].id for i in sorted(long)]
+    first = min(long)
+    what = (f"{len(long)} of {len(texts)} prompt(s) of {prompts.source} do not fit the model's context "
+            f"(first: {prompts.prompts[first].id}, {long[first]} tokens"
+            + (f", --max-model-len {settings.max_model_len})" if settings.max_model_len else ")"))
+    if settings.long_prompts == "error":
+        raise ExpoError(f"{what}; raise --max-model-len, shorten them, or drop --fail-on-long-prompts")
+    if len(long) == len(texts):
+        raise ExpoError(f"{what}: nothing left to evaluate")
+    log.warning("%s: skipped (listed in the report)", what)
+    kept = tuple(p for i, p in enumerate(prompts.prompts) if i not in long)
+    return dataclasses.replace(prompts, prompts=kept), {"count": len(long), "ids": ids}
+
+
 def _read_json(store: Storage, key: str):
     return json.loads(store.read_bytes(key)) if store.exists(key) else None
 
@@ -153,6 +183,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     sampling = asdict(SamplingSettings(**sampling))
     models = models_to_evaluate(variants_uri, include_sft)
     check_reward_model(local_path(reward_model), settings.trust_remote_code)  # before any engine starts
+    prompts, skipped = _fitting_prompts(models, prompts, settings)
     reward_id = checkpoint_identity(reward_model)
     eval_id = _key(prompts.fingerprint, sampling, reward_id)[:12]
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
@@ -200,6 +231,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
                "prompt_set": prompts.name, "n_prompts": len(texts), "reward_model": reward_model,
                "sampling": sampling, "tensor_parallel_size": settings.tp,
                "engines": {"device": "GPU" if plan.generation.use_gpu else "CPU", "generation": plan.engines},
+               "skipped_prompts": skipped,
                "models": {m.label: m.uri for m in models}, "seconds": round(time.perf_counter() - began, 1)}
     report = write_report(out, stats, context)
     report["location"] = out.uri

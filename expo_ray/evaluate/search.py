@@ -25,8 +25,8 @@ from ..errors import ExpoError
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import open_storage
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
-from .models import checkpoint_identity, local_path
-from .pipeline import EngineSettings, _stop, engine_kwargs, generation_kwargs, plan_for, start_reward_actor
+from .models import ModelRef, checkpoint_identity, local_path
+from .pipeline import EngineSettings, _fitting_prompts, _stop, engine_kwargs, generation_kwargs, plan_for, start_reward_actor
 from .prompts import PromptSet
 from .vllm_support import installed_version, resolve_swap
 
@@ -142,6 +142,7 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     make_plan(sft, aligned, (1.0,), **plan_options)
     check_reward_model(local_path(reward_model), settings.trust_remote_code)
     sampling = asdict(SamplingSettings(**sampling))
+    prompts, skipped = _fitting_prompts([ModelRef("aligned", 0.0, aligned, "")], prompts, settings)
     order = list(range(len(prompts.prompts)))
     random.Random(search.shuffle_seed).shuffle(order)
     texts = [prompts.prompts[i].text for i in order]
@@ -161,7 +162,7 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     report = _report(outcome, evaluator, {
         "sft": sft, "aligned": aligned, "prompts": prompts.source, "prompt_set": prompts.name,
         "n_prompts": len(texts), "reward_model": reward_model, "sampling": sampling,
-        "grid": list(search.grid), "tensor_parallel_size": settings.tp,
+        "grid": list(search.grid), "tensor_parallel_size": settings.tp, "skipped_prompts": skipped,
     })
     report["seconds"] = round(time.perf_counter() - began, 1)
     out = open_storage(out_uri).child("search")
