@@ -60,7 +60,8 @@ def main() -> None:
     prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "instruction": t}) for i, t in enumerate(
         ["Say hello.", "Name a color.", "What is two plus two?", "Give advice."])))
     load = os.getloadavg()[0]
-    with AutoscalingCluster(NODE_TYPES) as cluster:
+    cluster = AutoscalingCluster.started(NODE_TYPES)
+    try:
         began = time.time()
         while len([n for n in cluster.ray_list("nodes", "state=ALIVE")]) < 3 and time.time() - began < 300:
             time.sleep(1)
@@ -77,6 +78,8 @@ def main() -> None:
                        key=lambda n: n["start_time_ms"])
         node_up = gpu_node["start_time_ms"] / 1000
         first_gen = min(p.stat().st_mtime for p in (root / "eval" / "cache").glob("generations-*.json"))
+    finally:
+        cluster.stop()
     print(f"# expo-ray on a simulated autoscaling cluster ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{os.cpu_count()} cores, load average {load:.1f} at start)\n")
     print(f"cluster (head + 2 CPU workers) up in {cluster_up:.1f} s\n")

@@ -12,14 +12,15 @@ Where the node types come from, first found wins:
    monitor on the head node, where `ray job submit` runs drivers; the cluster launcher's
    ``~/ray_bootstrap_config.yaml``), or the file named by ``EXPO_RAY_AUTOSCALING_CONFIG``;
 2. otherwise the live nodes (counted as they are; nothing can be added).
-A node type that does not declare ``memory`` (the autoscaler does not require it) is taken to
-have as much as the largest live node. When an autoscaler runs but its config cannot be read
+A node type that does not declare ``memory`` (the autoscaler does not require it) is not judged
+on memory: declare it (bytes) to have memory requests judged before such a node runs. When an autoscaler runs but its config cannot be read
 (e.g. KubeRay's autoscaler sidecar), nothing is refused and the engine count is the live one.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class Capacity:
         """How many copies of ``request`` one node of this type holds."""
         counts = []
         for key, amount in request.items():
-            if amount:
+            if amount and _known(node, key):
                 counts.append(int(node.resources.get(key, 0) // amount))
         return min(counts) if counts else UNBOUNDED
 
@@ -63,7 +64,8 @@ class Capacity:
     def largest(self, request: dict) -> tuple[str, NodeType | None]:
         """The first resource of ``request`` no node type has enough of, and the node type with the most of it."""
         for key in [k for k in RESOURCES if k in request] + [k for k in request if k not in RESOURCES]:
-            if request[key] and not any(n.resources.get(key, 0) >= request[key] for n in self.node_types):
+            if request[key] and not any(n.resources.get(key, 0) >= request[key] or not _known(n, key)
+                                        for n in self.node_types):
                 return key, max(self.node_types, key=lambda n: n.resources.get(key, 0), default=None)
         return "", None
 
@@ -90,7 +92,8 @@ class Capacity:
 
     def holds_together(self, requests: list[dict]) -> bool:
         """Whether the cluster can hold all ``requests`` at the same time (first fit, largest first)."""
-        free = [dict(n.resources) for n in self.node_types for _ in range(min(n.max_count, len(requests)))]
+        free = [{"memory": math.inf, **n.resources} for n in self.node_types
+                for _ in range(min(n.max_count, len(requests)))]
         for req in sorted(requests, key=lambda r: -sum(v for k, v in r.items() if k == "GPU")):
             for node in free:
                 if all(node.get(k, 0) >= v for k, v in req.items() if v):
@@ -106,6 +109,11 @@ class Capacity:
                          f"{describe({k: n.resources.get(k, 0) for k in RESOURCES})}" for n in self.node_types)
 
 
+def _known(node: NodeType, key: str) -> bool:
+    """Whether a node type says how much of ``key`` it has (undeclared memory: unknown, not zero)."""
+    return key != "memory" or key in node.resources
+
+
 def describe(resources: dict) -> str:
     parts = []
     for key, value in resources.items():
@@ -119,10 +127,9 @@ def describe(resources: dict) -> str:
 def cluster_capacity(ray) -> Capacity:
     """The capacity of the connected cluster (see the module docstring)."""
     live = [n for n in ray.nodes() if n.get("Alive")]
-    live_memory = max((n.get("Resources", {}).get("memory", 0) for n in live), default=0)
     config = _autoscaling_config()
     if config is not None:
-        types = node_types_from_config(config, live_memory, live)
+        types = node_types_from_config(config, live)
         if types:
             return Capacity(tuple(types), "autoscaler")
         return Capacity(_live_types(live), "live nodes (autoscaler config unreadable)")
@@ -138,7 +145,7 @@ def _live_types(live: list[dict]) -> tuple[NodeType, ...]:
     return tuple(NodeType(f"live node{'s' if len(g) > 1 else ''}", g[0], len(g)) for g in grouped.values())
 
 
-def node_types_from_config(config: dict, live_memory: float, live: list[dict] = ()) -> list[NodeType]:
+def node_types_from_config(config: dict, live: list[dict] = ()) -> list[NodeType]:
     """Node types of a Ray autoscaling config (``available_node_types``); the head type is what the live head has."""
     types = []
     head_type = config.get("head_node_type")
@@ -156,7 +163,6 @@ def node_types_from_config(config: dict, live_memory: float, live: list[dict] = 
             count = spec.get("max_workers", cluster_max if cluster_max is not None else UNBOUNDED)
             if cluster_max is not None:
                 count = min(count, cluster_max)
-        resources.setdefault("memory", live_memory)
         if count > 0:
             types.append(NodeType(name, resources, int(count)))
     return types

@@ -58,6 +58,17 @@ class AutoscalingCluster(RayHead):
         super().start()
         return self
 
+    @classmethod
+    def started(cls, worker_node_types: dict, attempts: int = 2) -> "AutoscalingCluster":
+        """A started cluster; `ray start` is tried again when its raylet missed Ray's fixed 30 s
+        registration window (seen on an overloaded machine)."""
+        for attempt in range(attempts):
+            try:
+                return cls(worker_node_types).start()
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+
     def ray_list(self, what: str, *filters: str, detail: bool = False) -> list[dict]:
         """`ray list <what>` of this cluster (the state API), as dicts."""
         cmd = ["ray", "list", what, "--format", "json", "--limit", "10000", "--address", self.address]

@@ -121,5 +121,6 @@ def autoscaling_cluster():
     """One simulated multi-node autoscaling cluster (Ray's own autoscaler) for the session."""
     from autoscaling_cluster import AutoscalingCluster
 
-    with AutoscalingCluster(CLUSTER_NODE_TYPES) as cluster:
-        yield cluster
+    cluster = AutoscalingCluster.started(CLUSTER_NODE_TYPES)
+    yield cluster
+    cluster.stop()

@@ -36,7 +36,8 @@ def test_cpu_engines_and_bad_settings():
 
 def test_autoscaler_node_types_are_the_yardstick_not_live_nodes():
     # Only the head is live: judged by live nodes nothing would fit; the autoscaler can start GPU nodes.
-    types = node_types_from_config(CONFIG, live_memory=8 * GIB)
+    live_head = {"Alive": True, "Resources": {"memory": 8 * GIB, "node:__internal_head__": 1.0}}
+    types = node_types_from_config(CONFIG, [live_head])
     cap = Capacity(tuple(types), "autoscaler")
     assert {t.name: t.max_count for t in types} == {"head": 1, "cpu": 16, "gpu": 2}
     assert cap.slots(plan_engine(8, use_gpu=True).request) == 2
@@ -52,11 +53,13 @@ def test_autoscaler_node_types_are_the_yardstick_not_live_nodes():
                                          r"has 1000\.0 GiB of memory \(gpu\)"):
         cap.check({"CPU": 1, "memory": 1100 * GIB}, "an extrapolation task")
     cap.check({"CPU": 1, "memory": 150 * GIB}, "an extrapolation task")
+    # A node type that does not declare memory is not judged on it (unknown is not zero).
+    Capacity((NodeType("cpu", {"CPU": 32}, 4),), "autoscaler").check({"CPU": 1, "memory": 900 * GIB}, "a task")
 
 
 def test_node_types_without_declared_resources_are_not_judged():
     config = {"available_node_types": {"gpu": {"node_config": {"InstanceType": "p5.48xlarge"}, "max_workers": 2}}}
-    assert node_types_from_config(config, live_memory=GIB) == []
+    assert node_types_from_config(config) == []
     unknown = Capacity((NodeType("live node", {"CPU": 2}, 1),), "live nodes (autoscaler config unreadable)")
     unknown.check({"GPU": 8}, "an engine")  # cannot be judged: not refused
 
@@ -86,7 +89,8 @@ def test_a_task_no_node_can_hold_fails_within_seconds(pair_factory, tmp_path):
     run = subprocess.run([str(Path(sys.executable).parent / "expo-ray"), "extrapolate", "--sft", str(sft),
                           "--aligned", str(aligned), "--alpha", "0.5", "--out", str(tmp_path / "out"),
                           "--chunk-mib", "65536", "--no-progress"], capture_output=True, text=True, timeout=180)
-    assert run.returncode == 1 and time.perf_counter() - began < 90
+    # The bound is mostly Ray's own start (7 s on a quiet machine); the refusal itself is immediate.
+    assert run.returncode == 1 and time.perf_counter() - began < 150, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in run.stderr
     assert errors[0].startswith("error: an extrapolation task (--chunk-mib 65536) asks for 64.")
