@@ -75,7 +75,7 @@ class AutoscalingCluster(RayHead):
         cmd += ["--detail"] if detail else []
         for f in filters:
             cmd += ["--filter", f]
-        run = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=120)
+        run = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             raise RuntimeError(f"ray list {what} failed: {run.stderr[-2000:]}")
         return json.loads(run.stdout)
