@@ -47,6 +47,14 @@ def expo(cluster, *args, env=None):
     return began, time.time()
 
 
+def _seconds(value) -> float:
+    """A node's start time from `ray list nodes --detail`: milliseconds, or a formatted date."""
+    try:
+        return float(value) / 1000
+    except ValueError:
+        return datetime.fromisoformat(str(value)).timestamp()
+
+
 def main() -> None:
     from autoscaling_cluster import AutoscalingCluster
 
@@ -76,7 +84,7 @@ def main() -> None:
                       "--dtype", "float32", "--max-model-len", "256", "--max-tokens", "8", "--temperature", "0")
         gpu_node = min((n for n in cluster.ray_list("nodes", detail=True) if n["resources_total"].get("GPU")),
                        key=lambda n: n["start_time_ms"])
-        node_up = gpu_node["start_time_ms"] / 1000
+        node_up = _seconds(gpu_node["start_time_ms"])
         first_gen = min(p.stat().st_mtime for p in (root / "eval" / "cache").glob("generations-*.json"))
     finally:
         cluster.stop()
