@@ -263,12 +263,16 @@ def _eval_options(f, skip: tuple[str, ...] = ()):
                      help="Tensor-parallel size of each generation engine (8 for 70B)."),
         click.option("--reward-tp", type=click.IntRange(1), default=1, show_default=True,
                      help="Tensor-parallel size of the reward engine."),
+        click.option("--gpu/--cpu", "use_gpu", default=None,
+                     help="Run the engines on GPUs or on CPUs (default: GPUs, unless the installed vLLM is a "
+                          "CPU build). On an autoscaling cluster GPU nodes are started on demand."),
         click.option("--max-engines", type=click.IntRange(1), default=None,
-                     help="Generation engines in parallel (default: as many as the cluster holds at once; "
-                          "one per node on CPU-only machines)."),
-        click.option("--swap/--no-swap", default=True, show_default=True,
+                     help="Generation engines in parallel (default: as many as the cluster can grow to, from "
+                          "the autoscaler's node types; one per node for CPU engines)."),
+        click.option("--swap/--no-swap", default=None,
                      help="An engine serves model after model, loading each one's weights in place "
-                          "instead of restarting (models of another shape get their own engine)."),
+                          "instead of restarting (models of another shape get their own engine). Default: on "
+                          "when the installed vLLM is a version swapping was tested with."),
         click.option("--include-sft", is_flag=True, help="Also evaluate the SFT model."),
         click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature."),
         click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling threshold."),
@@ -289,6 +293,11 @@ def _eval_options(f, skip: tuple[str, ...] = ()):
         click.option("--model-cache-gb", envvar="EXPO_RAY_MODEL_CACHE_GB", type=click.FloatRange(0, min_open=True),
                      default=None, help="Cap of that folder in GiB; least recently used models no engine uses are "
                                         "evicted (default: the cache plus the disk's free space, less a reserve)."),
+        click.option("--chat-template", "chat_template_file", default=None, metavar="FILE",
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="A Jinja chat template for the generation models (for tokenizers that have none)."),
+        click.option("--fail-on-long-prompts", is_flag=True,
+                     help="Refuse prompts longer than the model's context (default: skip them, counted in the report)."),
         click.option("--eval-out", default=None, metavar="DST",
                      help="Where responses, rewards and the report go (default: VARIANTS/eval/<set>-<id>)."),
     ]
@@ -317,8 +326,19 @@ def _eval_inputs(o):
                                   "max_tokens", "seed")}
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
                               trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"],
-                              swap=o.get("swap", True))
+                              swap=o.get("swap"), use_gpu=o["use_gpu"],
+                              chat_template=_read_text(o["chat_template_file"]),
+                              long_prompts="error" if o["fail_on_long_prompts"] else "skip")
     return prompts, sampling, settings
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExpoError(f"{path}: cannot read the chat template ({exc})") from None
 
 
 def _run_evaluation(variants, o, address):

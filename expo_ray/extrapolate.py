@@ -91,6 +91,9 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
     ray = ensure_ray(address)
     chunk_bytes = int(chunk_mib * 1024 * 1024)
     memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
+    from .capacity import cluster_capacity  # a task no node can hold would wait forever: refuse now
+
+    cluster_capacity(ray).check({"CPU": 1, "memory": memory}, f"an extrapolation task (--chunk-mib {chunk_mib:g})")
     aligned_store = open_storage(plan.aligned_uri)
     hashes = hashing.algorithms(sha256)
     jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,

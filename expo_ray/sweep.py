@@ -94,7 +94,6 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: boo
 def _search_pair(spec: SweepSpec, pair: PairSpec, outcome: PairOutcome, address: str | None) -> float:
     """The alpha an adaptive search chose for this pair (on the first prompt set); a finished
     search (its search.json) is reused."""
-    from .evaluate.pipeline import EngineSettings
     from .evaluate.prompts import load_prompts
     from .evaluate.search import SearchSettings, search_alpha
 
@@ -104,17 +103,25 @@ def _search_pair(spec: SweepSpec, pair: PairSpec, outcome: PairOutcome, address:
     e = spec.evaluation
     ps = e.prompts[0]
     prompts = load_prompts(ps.set, field=ps.field, limit=ps.limit, sample=ps.sample, seed=ps.seed)
+    # Pairs run in parallel: a search holding two engines while another waits for its second could
+    # wait forever on a small cluster, so with several pairs the engines of a search take turns.
     report = search_alpha(pair.sft, pair.aligned, prompts, e.reward_model, out_uri=outcome.variants_uri,
-                          sampling=e.sampling, settings=EngineSettings(tp=e.tp, reward_tp=e.reward_tp),
-                          search=SearchSettings(grid=pair.alphas, budget=pair.budget), address=address,
+                          sampling=e.sampling, settings=_pair_settings(e, pair),
+                          search=SearchSettings(grid=pair.alphas, budget=pair.budget,
+                                                time_share=True if len(spec.pairs) > 1 else None), address=address,
                           plan_options=pair.plan_options)
     outcome.work_done = True
     log.info("%s: search chose alpha %g after %d generations", pair.name, report["best"]["alpha"], report["generations"])
     return float(report["best"]["alpha"])
 
 
+def _pair_settings(e, pair: PairSpec):
+    settings = e.engine_settings()
+    return dataclasses.replace(settings, chat_template=pair.chat_template) if pair.chat_template else settings
+
+
 def _evaluate_pair(spec: SweepSpec, outcome: PairOutcome) -> list[dict]:
-    from .evaluate.pipeline import EngineSettings, evaluate_variants
+    from .evaluate.pipeline import evaluate_variants
     from .evaluate.prompts import load_prompts
 
     e = spec.evaluation
@@ -122,7 +129,7 @@ def _evaluate_pair(spec: SweepSpec, outcome: PairOutcome) -> list[dict]:
     for ps in e.prompts:
         prompts = load_prompts(ps.set, field=ps.field, limit=ps.limit, sample=ps.sample, seed=ps.seed)
         report = evaluate_variants(outcome.variants_uri, prompts, e.reward_model, sampling=e.sampling,
-                                   settings=EngineSettings(tp=e.tp, reward_tp=e.reward_tp),
+                                   settings=_pair_settings(e, outcome.pair),
                                    include_sft=e.include_sft, title=outcome.pair.name)
         outcome.work_done |= report.get("work_done", False)
         reports.append(report)

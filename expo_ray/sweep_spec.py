@@ -13,6 +13,7 @@ Every problem names the file, the line and the key, before any work starts:
                                                   # search: adaptive search on one hot-swapping engine over
                                                   # the first prompt set, only the winner is materialized
         budget: 1500                              # search only: generations (default: half the grid's)
+        chat_template: "{{ messages[0]['content'] }}"  # optional: for a tokenizer without one
         rules: {scale: ["*.mlp.*=0.5"], layer_scales: "1,1,1.5", exclude: ["lm_head.weight"]}
         copy_unmatched: false
         allow_added_rows: false
@@ -23,6 +24,14 @@ Every problem names the file, the line and the key, before any work starts:
       reward_tp: 1
       include_sft: false
       sampling: {temperature: 0.7, top_p: 0.9, top_k: 50, max_tokens: 2048, seed: 42}
+      # Engine options, as on the command line (all optional):
+      device: gpu                                 # gpu | cpu (default: gpu unless vLLM is a CPU build)
+      max_engines: 2                              # generation engines at once (default: what the cluster grows to)
+      swap: true                                  # weights swapped in place (default: with a tested vLLM)
+      max_model_len: 4096
+      dtype: auto                                 # auto | bfloat16 | float16 | float32
+      trust_remote_code: false
+      fail_on_long_prompts: false                 # default: prompts longer than the context are skipped, counted
 """
 from __future__ import annotations
 
@@ -40,11 +49,15 @@ from .errors import ExpoError
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed", "max_tokens")
 TOP_KEYS = {"destination": True, "alphas": False, "pairs": True, "evaluation": False, "chunk_mib": False}
 PAIR_KEYS = {"name": False, "sft": True, "aligned": True, "alphas": False, "rules": False,
-             "copy_unmatched": False, "allow_added_rows": False, "mode": False, "budget": False}
+             "copy_unmatched": False, "allow_added_rows": False, "mode": False, "budget": False,
+             "chat_template": False}
 MODES = ("grid", "search")
 RULE_KEYS = {"scale": False, "layer_scales": False, "exclude": False}
 EVAL_KEYS = {"prompts": True, "reward_model": True, "tp": False, "reward_tp": False, "include_sft": False,
-             "sampling": False}
+             "sampling": False, "device": False, "max_engines": False, "swap": False, "max_model_len": False,
+             "dtype": False, "trust_remote_code": False, "fail_on_long_prompts": False}
+DEVICES = {"gpu": True, "cpu": False}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 PROMPT_KEYS = {"set": True, "limit": False, "sample": False, "seed": False, "field": False}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -70,6 +83,22 @@ class EvalSpec:
     reward_tp: int = 1
     include_sft: bool = False
     sampling: dict = field(default_factory=dict)
+    use_gpu: bool | None = None
+    max_engines: int | None = None
+    swap: bool | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    fail_on_long_prompts: bool = False
+
+    def engine_settings(self):
+        """The engine options of this evaluation, as ``expo-ray evaluate`` takes them."""
+        from .evaluate.pipeline import EngineSettings
+
+        return EngineSettings(tp=self.tp, reward_tp=self.reward_tp, use_gpu=self.use_gpu,
+                              max_model_len=self.max_model_len, trust_remote_code=self.trust_remote_code,
+                              max_engines=self.max_engines, dtype=self.dtype, swap=self.swap,
+                              long_prompts="error" if self.fail_on_long_prompts else "skip")
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,7 @@ class PairSpec:
     allow_added_rows: bool = False
     mode: str = "grid"
     budget: int | None = None
+    chat_template: str | None = None   # Jinja text, for models whose tokenizer has no chat template
 
     @property
     def plan_options(self) -> dict:
@@ -276,7 +306,8 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
                                   layer_scales if isinstance(layer_scales, str) else None,
                                   tuple(exclude) if isinstance(exclude, list) else (),
                                   c.boolean(p, "copy_unmatched", what), c.boolean(p, "allow_added_rows", what),
-                                  mode if mode in MODES else "grid", budget))
+                                  mode if mode in MODES else "grid", budget,
+                                  c.string(p, "chat_template", what, required=False)))
     evaluation = None
     if raw.get("evaluation") is not None:
         e = raw["evaluation"]
@@ -301,9 +332,23 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
                 for k, v in sampling.items():
                     if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                         c.fail(c.at(sampling, k), f"evaluation.sampling.{k}", "must be a non-negative number")
+            device = e.get("device")
+            if device is not None and device not in DEVICES:
+                c.fail(c.at(e, "device"), "evaluation.device", f"{device!r}: use gpu or cpu")
+            dtype = e.get("dtype", "auto")
+            if dtype not in DTYPES:
+                c.fail(c.at(e, "dtype"), "evaluation.dtype", f"{dtype!r}: use one of {', '.join(DTYPES)}")
+            swap = e.get("swap")
+            if swap is not None and not isinstance(swap, bool):
+                c.fail(c.at(e, "swap"), "evaluation.swap", "must be true or false")
             evaluation = EvalSpec(tuple(prompts), c.string(e, "reward_model", "evaluation") or "",
                                   c.integer(e, "tp", "evaluation", 1), c.integer(e, "reward_tp", "evaluation", 1),
-                                  c.boolean(e, "include_sft", "evaluation"), dict(sampling) if isinstance(sampling, dict) else {})
+                                  c.boolean(e, "include_sft", "evaluation"), dict(sampling) if isinstance(sampling, dict) else {},
+                                  DEVICES.get(device), c.integer(e, "max_engines", "evaluation", None),
+                                  swap if isinstance(swap, bool) else None,
+                                  c.integer(e, "max_model_len", "evaluation", None, minimum=16),
+                                  dtype if dtype in DTYPES else "auto", c.boolean(e, "trust_remote_code", "evaluation"),
+                                  c.boolean(e, "fail_on_long_prompts", "evaluation"))
     if evaluation is None:
         for i, p in enumerate(raw_pairs):
             if isinstance(p, dict) and p.get("mode") == "search":

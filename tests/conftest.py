@@ -104,3 +104,23 @@ def assert_greedy_under_transformers(hf_model, prompt_ids, generated, what: str 
         assert row[token] >= row.max() - tol, (
             f"{what + ': ' if what else ''}token {j} ({token}) has logit {row[token]:.6f}, "
             f"max {row.max():.6f} at {int(row.argmax())}")
+
+
+# The simulated autoscaling cluster: a head that takes no work, two CPU workers for shard tasks and
+# 2-GPU workers (fake GPUs) that exist only while something asks for GPUs. (The simulated nodes
+# cannot declare `memory`, so the autoscaler would not start CPU nodes for shard tasks, which ask
+# for memory: they are kept live with min_workers.)
+CLUSTER_NODE_TYPES = {
+    "cpu": {"resources": {"CPU": 1}, "min_workers": 2, "max_workers": 2},
+    "gpu": {"resources": {"CPU": 2, "GPU": 2}, "min_workers": 0, "max_workers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def autoscaling_cluster():
+    """One simulated multi-node autoscaling cluster (Ray's own autoscaler) for the session."""
+    from autoscaling_cluster import AutoscalingCluster
+
+    cluster = AutoscalingCluster.started(CLUSTER_NODE_TYPES)
+    yield cluster
+    cluster.stop()

@@ -22,8 +22,9 @@ BIN = Path(sys.executable).parent
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 2):
+    def __init__(self, num_cpus: int = 2, extra_args: tuple = (), extra_env: dict | None = None):
         self.num_cpus = num_cpus
+        self.extra_args, self.extra_env = tuple(extra_args), dict(extra_env or {})
         self.temp_dir = tempfile.mkdtemp(prefix="xr-", dir="/tmp")  # short: unix socket paths are limited
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
@@ -48,8 +49,8 @@ class RayHead:
                f"--object-manager-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                f"--dashboard-agent-grpc-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}",
-               f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--disable-usage-stats"]
-        run = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=180)
+               f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--disable-usage-stats", *self.extra_args]
+        run = subprocess.run(cmd, env={**self.env(), **self.extra_env}, capture_output=True, text=True, timeout=180)
         if run.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{run.stdout}\n{run.stderr}")

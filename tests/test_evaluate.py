@@ -94,3 +94,24 @@ def test_bad_inputs_are_refused_before_any_engine(setting, tmp_path):
         evaluate_variants(str(broken), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
                           out_uri=str(tmp_path / "e2"))
     assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted_or_refused(setting):
+    import dataclasses
+
+    from expo_ray.evaluate.prompts import Prompt
+
+    root, reward, prompts = setting
+    long = Prompt("too-long", "Tell me about " + "the weather and " * 200)
+    with_long = dataclasses.replace(prompts, prompts=prompts.prompts[:2] + (long,) + prompts.prompts[2:])
+    # Same fitting prompts, sampling and models as the first test: its cached results are reused.
+    report = evaluate_variants(str(root / "variants"), with_long, str(reward), sampling=SAMPLING, settings=SETTINGS,
+                               out_uri=str(root / "eval"), include_sft=True)
+    assert report["skipped_prompts"] == {"count": 1, "ids": ["too-long"]} and report["n_prompts"] == 5
+    rows = (root / "eval" / "responses" / "alpha_0.5.jsonl").read_text().splitlines()
+    assert [json.loads(r)["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
+    strict = dataclasses.replace(SETTINGS, long_prompts="error")
+    with pytest.raises(ExpoError, match=r"1 of 6 prompt\(s\) .* do not fit the model's context \(first: too-long, "
+                                        r"\d+ tokens, --max-model-len 256\); raise --max-model-len"):
+        evaluate_variants(str(root / "variants"), with_long, str(reward), sampling=SAMPLING, settings=strict,
+                          out_uri=str(root / "eval"), include_sft=True)

@@ -73,3 +73,41 @@ def test_example_sweeps_in_jobs_parse():
     for p in specs:
         assert load_spec(str(p)).pairs
     assert load_spec(str(specs[1])).evaluation.tp == 8
+
+
+def test_engine_options_are_spec_keys_as_on_the_command_line():
+    from expo_ray.evaluate.pipeline import EngineSettings
+
+    engine = ("  device: cpu\n  max_engines: 2\n  swap: false\n  max_model_len: 4096\n  dtype: bfloat16\n"
+              "  trust_remote_code: true\n")
+    spec = parse_spec(GOOD + engine, "s.yaml")
+    assert spec.evaluation.engine_settings() == EngineSettings(
+        tp=8, reward_tp=1, use_gpu=False, max_engines=2, swap=False, max_model_len=4096, dtype="bfloat16",
+        trust_remote_code=True)
+    assert parse_spec(GOOD, "s.yaml").evaluation.engine_settings() == EngineSettings(tp=8)
+    with pytest.raises(SpecError) as e:
+        parse_spec(GOOD + "  device: tpu\n  dtype: int8\n  swap: maybe\n  max_engines: 0\n", "s.yaml")
+    for message in ("evaluation.device: 'tpu': use gpu or cpu", "evaluation.dtype: 'int8'",
+                    "evaluation.swap: must be true or false", "evaluation.max_engines: must be an integer >= 1"):
+        assert message in str(e.value)
+
+
+def test_a_pair_can_bring_its_own_chat_template(tmp_path):
+    import json
+
+    from expo_ray.demo.tiny import build_tokenizer
+    from expo_ray.evaluate.vllm_engine import EngineError, _load_tokenizer, _render
+
+    template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    spec = parse_spec(GOOD.replace("    aligned: /models/a-dpo", "    aligned: /models/a-dpo\n"
+                                   f"    chat_template: {json.dumps(template)}", 1), "s.yaml")
+    assert spec.pairs[0].chat_template == template and spec.pairs[1].chat_template is None
+    # The override is what renders prompts for a tokenizer that has no template of its own.
+    build_tokenizer(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
+    (tmp_path / "chat_template.jinja").unlink()
+    with pytest.raises(EngineError, match="has no chat template"):
+        _load_tokenizer(str(tmp_path), False, "model")
+    tok = _load_tokenizer(str(tmp_path), False, "model", template)
+    assert tok.decode(_render(tok, [{"role": "user", "content": "hi"}], True)) == "<s>user: hi\n"

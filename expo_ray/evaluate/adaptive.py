@@ -15,6 +15,10 @@ budget. The schedule:
 The winner and the runner-up follow :mod:`.selection`'s rule among the points evaluated on the
 most prompts (so the winner is never chosen on less evidence than its closest rival), paired on
 the prompts both points share, with alpha 0 as the baseline wherever the grid has it.
+
+Before each round the callback's optional ``prefetch(requests)`` is given the round's
+``(alpha, n)`` requests that fit the budget, so an evaluator whose generation and reward engines
+take turns can generate the whole round, then score it, instead of switching per point.
 """
 from __future__ import annotations
 
@@ -110,22 +114,40 @@ def adaptive_search(evaluate: Callable[[float, int], Sequence[float]], grid: Seq
             f"({spent}/{budget} generations)")
         return point
 
+    def prefetch(requests: list[tuple[float, int]]) -> None:
+        wanted, total = [], spent
+        for alpha, n in requests:
+            n, have = min(n, n_prompts), points[alpha].n if alpha in points else 0
+            if n <= have:
+                continue
+            if total + n - have > budget:
+                break
+            total += n - have
+            wanted.append((alpha, n))
+        if wanted and hasattr(evaluate, "prefetch"):
+            evaluate.prefetch(wanted)
+
     n = initial
+    prefetch([(a, n) for a in grid])
     candidates = [run(a, n, "grid") for a in grid]
     try:
         while len(candidates) > 2:
             candidates = _ranked(candidates, n)[:math.ceil(len(candidates) / 2)]
             n = min(n_prompts, 2 * n)
+            prefetch([(p.alpha, n) for p in candidates])
             candidates = [run(p.alpha, n, "halving") for p in candidates]
         for _ in range(refine_steps):
             best = _ranked([p for p in points.values() if p.n >= n], n)[0]
-            for alpha in _refinements(best.alpha, sorted(points)):
+            refinements = _refinements(best.alpha, sorted(points))
+            prefetch([(alpha, n) for alpha in refinements])
+            for alpha in refinements:
                 run(alpha, n, "refine")
         while True:  # confirmation: the two best points on more prompts, as the budget allows
             top = _ranked([p for p in points.values() if p.n >= n], n)[:2]
             if n >= n_prompts:
                 break
             n = min(n_prompts, 2 * n)
+            prefetch([(p.alpha, n) for p in top])
             for p in top:
                 run(p.alpha, n, "confirm")
     except _Budget:

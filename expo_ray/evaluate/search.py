@@ -25,10 +25,11 @@ from ..errors import ExpoError
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import open_storage
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
-from .models import checkpoint_identity, model_config
-from .pipeline import EngineSettings, _stop, engine_kwargs, start_reward_actor, uses_gpus
+from .models import ModelRef, checkpoint_identity, model_config
+from .pipeline import EngineSettings, _fitting_prompts, _stop, engine_kwargs, generation_kwargs, plan_for, start_reward_actor
 from .prompts import PromptSet
 from .selection import describe
+from .vllm_support import installed_version, resolve_swap
 
 log = logging.getLogger("expo_ray")
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -41,46 +42,91 @@ class SearchSettings:
     initial_prompts: int | None = None
     refine_steps: int = 2
     shuffle_seed: int = 0
+    time_share: bool | None = None   # engines take turns (None: when the cluster cannot hold both)
 
 
 class _Evaluator:
-    """evaluate(alpha, n) for :func:`adaptive_search`, on one swappable engine and one reward engine."""
+    """evaluate(alpha, n) for :func:`adaptive_search`, on one swappable engine and one reward engine.
+
+    When the cluster cannot hold both engines at once (``time_share``) they take turns: a round's
+    answers are generated (``prefetch``, one swap per alpha), the generation engine is closed, the
+    reward engine scores the round and is closed in turn. Holding at most one engine at a time,
+    searches never wait on each other for GPUs (two searches each holding a generation engine and
+    waiting for a reward engine would wait forever).
+    """
 
     def __init__(self, ray, sft: str, aligned: str, texts: list[str], reward_model: str, sampling: dict,
-                 settings: EngineSettings, plan_options: dict, use_gpu: bool):
-        from .actors import generation_actor
-        from .placement import plan_engine
-
+                 settings: EngineSettings, plan_options: dict, plan, time_share: bool):
         self.ray, self.sft, self.aligned, self.texts = ray, sft, aligned, texts
         self.sampling, self.plan_options = sampling, plan_options
-        placement = plan_engine(settings.tp, use_gpu=use_gpu)
-        self.generator = generation_actor().options(**task_options(**placement.actor_options)).remote(
-            aligned, checkpoint_identity(aligned) if "://" in aligned else None,
-            swappable=True, max_model_len=settings.max_model_len, **engine_kwargs(placement, settings))
-        self.scorer = start_reward_actor(reward_model, settings, use_gpu)
+        self.settings, self.plan, self.reward_model, self.time_share = settings, plan, reward_model, time_share
+        self.generator = self.scorer = None
         self.answers: dict[float, list[dict]] = {}
         self.serving: float | None = None
         self.swap_seconds: list[float] = []
         self.generate_seconds = 0.0
+        self.engine_starts = 0
+        if not time_share:
+            self._generator(), self._scorer()
 
-    def __call__(self, alpha: float, n: int) -> list[float]:
-        ray = self.ray
-        done = self.answers.setdefault(alpha, [])
-        new = self.texts[len(done):n]
+    def _generator(self):
+        from .actors import generation_actor
+
+        if self.generator is None:
+            if self.scorer is not None and self.time_share:
+                _stop(self.ray, self.scorer)
+                self.scorer = None
+            placement, aligned = self.plan.generation, self.aligned
+            self.generator = generation_actor().options(**task_options(**placement.actor_options)).remote(
+                aligned, checkpoint_identity(aligned) if "://" in aligned else None, swappable=True,
+                max_model_len=self.settings.max_model_len, **engine_kwargs(placement, self.settings),
+                **generation_kwargs(self.settings))
+            self.serving, self.engine_starts = None, self.engine_starts + 1
+        return self.generator
+
+    def _scorer(self):
+        if self.scorer is None:
+            if self.generator is not None and self.time_share:
+                _stop(self.ray, self.generator)
+                self.generator = None
+            self.scorer = start_reward_actor(self.reward_model, self.settings, self.plan.reward)
+            self.engine_starts += 1
+        return self.scorer
+
+    def _generate(self, alpha: float, n: int) -> list[dict]:
+        ray, generator = self.ray, self._generator()
         if self.serving != alpha:
-            info = ray.get(self.generator.serve_extrapolated.remote(self.sft, self.aligned, alpha, self.plan_options))
+            info = ray.get(generator.serve_extrapolated.remote(self.sft, self.aligned, alpha, self.plan_options))
             self.swap_seconds.append(info["seconds"])
             self.serving = alpha
         began = time.perf_counter()
-        generations = ray.get(self.generator.generate.remote(new, self.sampling))
+        generations = ray.get(generator.generate.remote(self.texts[len(self.answers.get(alpha, [])):n], self.sampling))
         self.generate_seconds += time.perf_counter() - began
-        rewards = ray.get(self.scorer.score.remote(new, [g["output"] for g in generations]))
+        return generations
+
+    def _score(self, alpha: float, generations: list[dict]) -> None:
+        done = self.answers.setdefault(alpha, [])
+        new = self.texts[len(done):len(done) + len(generations)]
+        rewards = self.ray.get(self._scorer().score.remote(new, [g["output"] for g in generations]))
         done.extend({**g, "reward": r} for g, r in zip(generations, rewards))
-        return [a["reward"] for a in done]
+
+    def prefetch(self, requests: list[tuple[float, int]]) -> None:
+        """Generate a whole round, then score it (engines taking turns); no-op when both are held."""
+        if not self.time_share:
+            return
+        rounds = [(alpha, self._generate(alpha, n)) for alpha, n in requests]
+        for alpha, generations in rounds:
+            self._score(alpha, generations)
+
+    def __call__(self, alpha: float, n: int) -> list[float]:
+        if len(self.answers.get(alpha, [])) < n:
+            self._score(alpha, self._generate(alpha, n))
+        return [a["reward"] for a in self.answers[alpha]]
 
     def close(self) -> None:
         for actor in (self.generator, self.scorer):
-            _stop(self.ray, actor)
+            if actor is not None:
+                _stop(self.ray, actor)
 
 
 def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, *, out_uri: str, sampling: dict,
@@ -97,12 +143,18 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     make_plan(sft, aligned, (1.0,), **plan_options)
     check_reward_model(reward_model, settings.trust_remote_code, model_config(reward_model))
     sampling = asdict(SamplingSettings(**sampling))
+    prompts, skipped = _fitting_prompts([ModelRef("aligned", 0.0, aligned, "")], prompts, settings)
     order = list(range(len(prompts.prompts)))
     random.Random(search.shuffle_seed).shuffle(order)
     texts = [prompts.prompts[i].text for i in order]
 
+    resolve_swap(settings.swap, installed_version(), needed_by="expo-ray search")
     ray = ensure_ray(address)
-    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, uses_gpus(ray, settings))
+    plan = plan_for(ray, settings)
+    time_share = (not plan.together) if search.time_share is None else search.time_share
+    if time_share:
+        log.info("the generation and the reward engine take turns (the cluster cannot hold both at once)")
+    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, plan, time_share)
     try:
         outcome = adaptive_search(evaluator, search.grid, len(texts), budget=search.budget,
                                   initial=search.initial_prompts, refine_steps=search.refine_steps, log=log.info)
@@ -111,7 +163,7 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     report = _report(outcome, evaluator, {
         "sft": sft, "aligned": aligned, "prompts": prompts.source, "prompt_set": prompts.name,
         "n_prompts": len(texts), "reward_model": reward_model, "sampling": sampling,
-        "grid": list(search.grid), "tensor_parallel_size": settings.tp,
+        "grid": list(search.grid), "tensor_parallel_size": settings.tp, "skipped_prompts": skipped,
     })
     report["seconds"] = round(time.perf_counter() - began, 1)
     out = open_storage(out_uri).child("search")
@@ -140,6 +192,7 @@ def _report(outcome: SearchOutcome, evaluator: _Evaluator, context: dict) -> dic
         "generations": outcome.generations, "budget": outcome.budget,
         "grid_generations": outcome.grid_generations,
         "swaps": len(swaps), "swap_seconds_mean": round(sum(swaps) / len(swaps), 3) if swaps else None,
+        "engines_take_turns": evaluator.time_share, "engine_starts": evaluator.engine_starts,
         "generate_seconds": round(evaluator.generate_seconds, 1),
         "points": points,
     }

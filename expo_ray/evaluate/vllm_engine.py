@@ -192,13 +192,15 @@ def _num_labels(cfg: dict[str, Any]) -> int:
     return 2
 
 
-def _load_tokenizer(model_path: str, trust_remote_code: bool, what: str):
+def _load_tokenizer(model_path: str, trust_remote_code: bool, what: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise EngineError(f"{what} {model_path}: cannot load its tokenizer ({exc})") from None
+    if chat_template:  # given by the user for a model whose tokenizer has none (or the wrong one)
+        tok.chat_template = chat_template
     if not getattr(tok, "chat_template", None):
         raise EngineError(
             f"{what} {model_path}: its tokenizer has no chat template; prompts are rendered with "
@@ -345,7 +347,7 @@ class GenerationEngine(_Engine):
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  max_model_len: int | None = None, trust_remote_code: bool = False,
-                 swappable: bool = False, **engine_kwargs: Any) -> None:
+                 swappable: bool = False, chat_template: str | None = None, **engine_kwargs: Any) -> None:
         self.model_path = str(model_path)
         self._llm = None
         cfg = read_model_config(self.model_path, trust_remote_code)
@@ -355,7 +357,7 @@ class GenerationEngine(_Engine):
                 f"{self.model_path} is a sequence classifier ({', '.join(archs)}), not a model "
                 "that generates text"
             )
-        self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "model")
+        self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "model", chat_template)
         self.swappable = swappable
         if swappable:
             from .weight_swap import WORKER_EXTENSION, folder_source, weight_signature
