@@ -47,6 +47,44 @@ def variants(autoscaling_cluster, setting):
     that the run does not finish while the second node's worker process starts)."""
     root, sft, aligned, _, _ = setting
     began = time.perf_counter()
+    run = expo(autoscaling_cluster, "extrapolate", "--sft", str(sft), "--aligned", str(aligned), "--alpha", "0.5",
+               "--out", str(root / "variants"), "--chunk-mib", "1", "--no-progress",
+               env={"EXPO_RAY_CHUNK_DELAY_S": "0.3"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "variants", time.perf_counter() - began
+
+
+def test_extrapolate_spreads_shard_tasks_over_cpu_nodes(autoscaling_cluster, setting, variants):
+    root, sft, aligned, _, _ = setting
+    out, _ = variants
+    tasks = [t for t in autoscaling_cluster.ray_list("tasks") if t["name"].startswith("extrapolate:")]
+    finished = [t for t in tasks if t["state"] == "FINISHED"]
+    shards = json.loads((aligned / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert len(finished) == len(set(shards)) >= 3
+    nodes = {t["node_id"] for t in finished}
+    cpu_nodes = {n["node_id"] for n in autoscaling_cluster.ray_list("nodes")
+                 if n["resources_total"].get("CPU") == 1 and not n["resources_total"].get("GPU")}
+    assert len(nodes) >= 2 and nodes <= cpu_nodes, (nodes, cpu_nodes)  # never on the head or a GPU node
+    # Correctly rounded, as everywhere else.
+    a, s = {}, {}
+    for f in aligned.glob("*.safetensors"):
+        a.update(load_file(f))
+    for f in sft.glob("*.safetensors"):
+        s.update(load_file(f))
+    got = {}
+    for f in (out / "alpha_0.5").glob("*.safetensors"):
+        got.update(load_file(f))
+    assert got.keys() == a.keys()
+    for name, t in a.items():
+        assert torch.equal(got[name], reference(t, s[name], 0.5)), name
+
+
+def test_requests_no_node_can_hold_fail_within_seconds(autoscaling_cluster, setting, variants):
+    # Judged against the node types the autoscaler can start: no GPU node is alive now, and a
+    # 2-GPU engine would be started; a 4-GPU one never could. (Memory is judged only where node
+    # types declare it, which simulated nodes cannot: tests/test_placement.py covers memory.)
+    root, sft, aligned, reward, prompts = setting
+    began = time.perf_counter()
     run = expo(autoscaling_cluster, "evaluate", "--variants", str(variants[0]), "--prompts", str(prompts),
                "--reward-model", str(reward), "--tp", "4", "--gpu", *GENERATE, timeout=120)
     assert run.returncode == 1 and time.perf_counter() - began < 60
