@@ -43,8 +43,15 @@ def test_generation_scoring_report_and_cache(setting):
     assert [r["label"] for r in report["results"]] == ["sft", "alpha_0.0", "alpha_0.5", "alpha_2.0"]
     out = root / "eval"
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "report.json").read_text())["best"]["alpha"] in (0.0, 0.5, 2.0)
-    assert "Best alpha" in (out / "report.md").read_text()
+    # The recommended alpha is the selection rule applied to the per-prompt rewards written out.
+    from expo_ray.evaluate.selection import select_alpha
+
+    per_prompt = {a: [json.loads(line)["reward"] for line in (out / "responses" / f"alpha_{a}.jsonl").read_text().splitlines()]
+                  for a in ("0.0", "0.5", "2.0")}
+    chosen = select_alpha({float(a): r for a, r in per_prompt.items()})
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["best"]["alpha"] == saved["selection"]["recommended"] == chosen.recommended
+    assert f"**Recommended alpha: {chosen.recommended:.3f}**" in (out / "report.md").read_text()
     rows = [json.loads(line) for line in (out / "responses" / "alpha_0.5.jsonl").read_text().splitlines()]
     assert [r["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
     assert all(set(r) == {"prompt_id", "prompt", "output", "tokens", "finish_reason", "reward"} for r in rows)
