@@ -49,6 +49,7 @@ def shard_sums(shard: ShardPlan, sft_uri: str, aligned_uri: str) -> dict[str, tu
     aligned, sft = open_storage(aligned_uri), open_storage(sft_uri)
     sums = {}
     readers = {}
+    a_reader = None
     try:
         a_reader = aligned.open_reader(shard.key)
         for t in shard.tensors:
@@ -68,7 +69,8 @@ def shard_sums(shard: ShardPlan, sft_uri: str, aligned_uri: str) -> dict[str, tu
                 b2 += float(np.dot(s, s))
             sums[t.name] = (d2, b2)
     finally:
-        a_reader.close()
+        if a_reader is not None:  # opening it may be what failed: keep that error
+            a_reader.close()
         for r in readers.values():
             r.close()
     return sums

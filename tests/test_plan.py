@@ -165,3 +165,20 @@ def test_fingerprint_follows_content_not_only_headers(bf16_pair, tmp_path):
     st = os.stat(shard)
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert checkpoint_fingerprint(Checkpoint.open(str(copy))) != checkpoint_fingerprint(Checkpoint.open(str(aligned)))
+
+
+def test_lineage_reports_the_real_error_when_a_shard_cannot_be_opened(bf16_pair, tmp_path):
+    import shutil
+
+    from expo_ray.api import make_plan
+    from expo_ray.errors import StorageError
+    from expo_ray.lineage import shard_sums
+
+    sft, aligned = bf16_pair
+    copy = tmp_path / "aligned"
+    shutil.copytree(aligned, copy)
+    plan = make_plan(str(sft), str(copy), [0.5])
+    shard = plan.shards[0]
+    (copy / shard.key).unlink()
+    with pytest.raises(StorageError):  # not an UnboundLocalError from the cleanup
+        shard_sums(shard, plan.sft_uri, plan.aligned_uri)

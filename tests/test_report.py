@@ -122,3 +122,12 @@ def test_known_prompt_sets_from_an_offline_hub_cache(tmp_path, monkeypatch):
     assert [(p.id, p.text) for p in uf.prompts] == [("a1", "first?"), ("b2", "second?")]
     ae = load_prompts("alpaca_eval")
     assert ae.prompts[0].text == "Explain X." and ae.prompts[0].dataset == "helpful_base"
+
+
+def test_a_sample_keeps_the_file_order_whatever_the_ids(tmp_path):
+    ids = ["q-b", "q-a", "7", "q-c", "3", "q-d", "q-e", "1"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"prompt {i}"}) + "\n" for i in ids))
+    sampled = [p.id for p in load_prompts(str(path), sample=5, seed=3).prompts]
+    assert len(sampled) == 5 and len(set(sampled)) == 5
+    assert sampled == [i for i in ids if i in sampled]  # file order, not 0 for every non-numeric id

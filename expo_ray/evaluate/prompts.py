@@ -141,7 +141,8 @@ def load_prompts(spec: str, *, field: str | None = None, limit: int | None = Non
     if len({p.id for p in prompts}) != len(prompts):
         prompts = [Prompt(str(i), p.text, p.dataset) for i, p in enumerate(prompts)]
     if sample is not None and sample < len(prompts):
-        prompts = sorted(random.Random(seed).sample(prompts, sample), key=lambda p: int(p.id) if p.id.isdigit() else 0)
+        # The sampled prompts keep their order in the file (whatever their ids look like).
+        prompts = [prompts[i] for i in sorted(random.Random(seed).sample(range(len(prompts)), sample))]
         set_name += f"-sample{sample}-seed{seed}"
     if limit is not None:
         prompts = prompts[:limit]
