@@ -325,7 +325,7 @@ def _eval_inputs(o):
     sampling = {k: o[k] for k in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
                                   "max_tokens", "seed")}
     settings = EngineSettings(tp=o["tp"], reward_tp=o["reward_tp"], max_model_len=o["max_model_len"],
-                              trust_remote_code=o["trust_remote_code"], max_engines=o["max_engines"], dtype=o["dtype"],
+                              trust_remote_code=o["trust_remote_code"], max_engines=o.get("max_engines"), dtype=o["dtype"],
                               swap=o.get("swap"), use_gpu=o["use_gpu"],
                               chat_template=_read_text(o["chat_template_file"]),
                               long_prompts="error" if o["fail_on_long_prompts"] else "skip")
@@ -407,7 +407,7 @@ def run(sft, aligned, alphas, out, scales, layer_scales, exclude, copy_unmatched
 @click.option("--runner-up", is_flag=True, help="Also materialize the second-best alpha.")
 @click.option("--no-materialize", is_flag=True, help="Only search; write no variant.")
 @_plan_options
-@functools.partial(_eval_options, skip=("swap", "include_sft", "eval_out"))  # one swapping engine; DST/search/
+@functools.partial(_eval_options, skip=("swap", "include_sft", "eval_out", "max_engines"))  # one swapping engine; DST/search/
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
 def search(sft, aligned, out, alphas, budget, initial_prompts, runner_up, no_materialize, scales, layer_scales,
            exclude, copy_unmatched, allow_added_rows, allow_nonfinite, address, **o):

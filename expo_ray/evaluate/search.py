@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from ..errors import ExpoError
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import open_storage
+from .actors import ENGINE_LOGS_ENV
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
 from .models import ModelRef, checkpoint_identity, model_config
 from .pipeline import EngineSettings, _fitting_prompts, _stop, engine_kwargs, generation_kwargs, plan_for, start_reward_actor
@@ -56,10 +58,11 @@ class _Evaluator:
     """
 
     def __init__(self, ray, sft: str, aligned: str, texts: list[str], reward_model: str, sampling: dict,
-                 settings: EngineSettings, plan_options: dict, plan, time_share: bool):
+                 settings: EngineSettings, plan_options: dict, plan, time_share: bool, log_dir: str | None = None):
         self.ray, self.sft, self.aligned, self.texts = ray, sft, aligned, texts
         self.sampling, self.plan_options = sampling, plan_options
         self.settings, self.plan, self.reward_model, self.time_share = settings, plan, reward_model, time_share
+        self.log_dir = log_dir
         self.generator = self.scorer = None
         self.answers: dict[float, list[dict]] = {}
         self.serving: float | None = None
@@ -79,17 +82,22 @@ class _Evaluator:
             placement, aligned = self.plan.generation, self.aligned
             self.generator = generation_actor().options(**task_options(**placement.actor_options)).remote(
                 aligned, checkpoint_identity(aligned) if "://" in aligned else None, swappable=True,
+                log_uri=self._log_uri("generation"),
                 max_model_len=self.settings.max_model_len, **engine_kwargs(placement, self.settings),
                 **generation_kwargs(self.settings))
             self.serving, self.engine_starts = None, self.engine_starts + 1
         return self.generator
+
+    def _log_uri(self, role: str) -> str | None:
+        """Where the next engine's output goes: one file per engine start."""
+        return f"{self.log_dir}/{role}-{self.engine_starts + 1}.log" if self.log_dir else None
 
     def _scorer(self):
         if self.scorer is None:
             if self.generator is not None and self.time_share:
                 _stop(self.ray, self.generator)
                 self.generator = None
-            self.scorer = start_reward_actor(self.reward_model, self.settings, self.plan.reward)
+            self.scorer = start_reward_actor(self.reward_model, self.settings, self.plan.reward, self._log_uri("reward"))
             self.engine_starts += 1
         return self.scorer
 
@@ -154,7 +162,11 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     time_share = (not plan.together) if search.time_share is None else search.time_share
     if time_share:
         log.info("the generation and the reward engine take turns (the cluster cannot hold both at once)")
-    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, plan, time_share)
+    log_dir = f"{open_storage(out_uri).child('search').uri.rstrip('/')}/logs"
+    if os.environ.get(ENGINE_LOGS_ENV) != "live":
+        log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", log_dir)
+    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, plan, time_share,
+                           log_dir)
     try:
         outcome = adaptive_search(evaluator, search.grid, len(texts), budget=search.budget,
                                   initial=search.initial_prompts, refine_steps=search.refine_steps, log=log.info)
