@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import kernel
+from .kernel import _two_sum  # plain arithmetic: the same on arrays and tensors
 
 _VIEW = {"BF16": torch.int16, "F16": torch.int16, "F32": torch.int32, "F64": torch.int64}
 _FLOAT = {"F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -22,12 +23,6 @@ def _decode(dtype: str, raw: torch.Tensor) -> torch.Tensor:
     if dtype == "BF16":
         return ((raw.to(torch.int32) & 0xFFFF) << 16).view(torch.float32).to(torch.float64)
     return raw.view(_FLOAT[dtype]).to(torch.float64)
-
-
-def _two_sum(a, b):
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
 
 
 def _round_odd_to_f32(x: torch.Tensor) -> torch.Tensor:

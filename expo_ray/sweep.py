@@ -170,20 +170,16 @@ def _write_leaderboard(store, board: dict) -> None:
     store.write_bytes("leaderboard.md", ("\n".join(lines) + "\n").encode())
     scored = [r for r in board["pairs"] if r.get("gain") is not None]
     if scored:
-        import io
-
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        from .evaluate.report import figure_png
 
         fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(scored)), 3.4), dpi=120)
         ax.bar([f"{r['pair']}\n{r['prompts']}" for r in scored], [r["gain"] for r in scored])
         for i, r in enumerate(scored):
             ax.annotate(f"alpha={r['best_alpha']:g}", (i, r["gain"]), ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("reward gain of the recommended alpha over alpha=0")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        store.write_bytes("leaderboard.png", buf.getvalue())
+        store.write_bytes("leaderboard.png", figure_png(fig))

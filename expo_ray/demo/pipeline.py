@@ -17,7 +17,6 @@ so a second run redoes nothing but the summary.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -214,6 +213,8 @@ def plot_demo(summary: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..evaluate.report import figure_png
+
     fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for name, d in summary["dpo"].items():
         points = [r for r in d["results"] if r["alpha"] is not None]
@@ -230,19 +231,20 @@ def plot_demo(summary: dict) -> bytes:
     if sft is not None:
         ax_r.axhline(sft["mean_reward"], color="gray", linestyle="--", label="SFT")
     for ax in (ax_r, ax_l):
-        ax.set_xscale("symlog", linthresh=1.0)  # the grid spans 0 to a few hundred
-        ax.set_xlabel("alpha (symmetric log scale)")
-        ax.set_xlim(left=-0.1)
+        _alpha_axis(ax)
     ax_r.set_ylabel("mean reward (95% CI)")
     ax_r.legend(fontsize=8)
     ax_l.set_ylabel("mean response length (tokens)")
     ax_l.legend(fontsize=8)
     fig.suptitle("ExPO on the demo task: theta = dpo + alpha * (dpo - sft)", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
+
+
+def _alpha_axis(ax) -> None:
+    """The x axis of reward-against-alpha plots: the demo's grid spans 0 to a few hundred."""
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("alpha (symmetric log scale)")
+    ax.set_xlim(left=-0.1)
 
 
 def run_demo_seeds(workdir: str | Path, seeds, alphas=DEMO_ALPHAS, *, scale: str = "full", storage: str = "s3",
@@ -303,6 +305,8 @@ def plot_seeds(runs: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..evaluate.report import figure_png
+
     fig, (ax_c, ax_g) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     colors = {"dpo_small": "tab:blue", "dpo_large": "tab:orange"}
     seeds = list(runs)
@@ -318,9 +322,7 @@ def plot_seeds(runs: dict) -> bytes:
                 ax_g.errorbar([x], [f["gain"]], yerr=[[f["gain"] - f["gain_low"]], [f["gain_high"] - f["gain"]]],
                               marker="o", capsize=3, color=colors.get(name), label=name if i == 0 else None)
                 ax_g.annotate(f"alpha {f['best_alpha']:g}", (x, f["gain_high"]), ha="center", va="bottom", fontsize=7)
-    ax_c.set_xscale("symlog", linthresh=1.0)
-    ax_c.set_xlim(left=-0.1)
-    ax_c.set_xlabel("alpha (symmetric log scale)")
+    _alpha_axis(ax_c)
     ax_c.set_ylabel("mean reward")
     ax_c.legend(fontsize=6)
     ax_g.axhline(0, color="gray", linewidth=0.8)
@@ -328,8 +330,4 @@ def plot_seeds(runs: dict) -> bytes:
     ax_g.set_ylabel("gain of the recommended alpha over alpha 0\n(paired, family-wise 95% CI)")
     ax_g.legend(fontsize=8)
     fig.suptitle("expo-ray demo across seeds", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

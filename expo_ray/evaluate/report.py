@@ -90,11 +90,7 @@ def plot_png(stats: list[AlphaStats], title: str = "") -> bytes:
     ax_l.set_ylabel("mean response length (tokens)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_report(storage, stats: list[AlphaStats], context: dict, prefix: str = "") -> dict:
@@ -105,3 +101,14 @@ def write_report(storage, stats: list[AlphaStats], context: dict, prefix: str = 
     storage.write_bytes(key("report.json"), (json.dumps(report, indent=2) + "\n").encode())
     storage.write_bytes(key("report.md"), report_markdown(report).encode())
     return report
+
+
+def figure_png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -14,7 +14,6 @@ more prompts keeps its earlier answers.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -251,6 +250,8 @@ def plot_search(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import figure_png
+
     points = report["points"]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     largest = max(p["n"] for p in points)
@@ -262,11 +263,7 @@ def plot_search(report: dict) -> bytes:
     ax.set_ylabel("mean reward (95% CI)")
     ax.set_title(f"adaptive search: {report['generations']} generations (grid: {report['grid_generations']})",
                  fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def materialize(sft: str, aligned: str, alphas: list[float], out_uri: str, *, plan_options: dict | None = None,

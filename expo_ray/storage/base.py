@@ -40,6 +40,40 @@ class Reader(ABC):
         self.close()
 
 
+class RangedReader(Reader):
+    """A remote object read by ranged requests: a large read is split into `range_bytes` pieces
+    fetched concurrently on `executor()`. Subclasses implement `_get` (one ranged request)."""
+
+    label: str
+    range_bytes: int
+
+    @abstractmethod
+    def _get(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`, in one request (retried as the backend sees fit)."""
+
+    @abstractmethod
+    def executor(self):
+        """The thread pool the pieces of a large read are fetched on."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise StorageError(f"{self.label}: read of {length} bytes at offset {offset} is past the end of the "
+                               f"object ({self.size} bytes); it is truncated or its header lies")
+        if length == 0:
+            return b""
+        if length <= self.range_bytes:
+            return self._get(offset, length)
+        out = bytearray(length)
+
+        def fetch(start: int) -> None:
+            n = min(self.range_bytes, length - start)
+            out[start:start + n] = self._get(offset + start, n)
+
+        for f in [self.executor().submit(fetch, s) for s in range(0, length, self.range_bytes)]:
+            f.result()
+        return out
+
+
 class Writer(ABC):
     """A streaming writer whose object appears under its final name only on commit()."""
 

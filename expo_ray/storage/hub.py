@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 from ..errors import StorageError
-from .base import Reader, Storage, Writer, clean_key
+from .base import RangedReader, Reader, Storage, Writer, clean_key
 from .local import LocalReader
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -69,8 +69,10 @@ def _pool() -> ThreadPoolExecutor:
         return _pool
 
 
-class HubReader(Reader):
+class HubReader(RangedReader):
     """Byte ranges of one file of one commit, by ranged GETs on its resolve URL."""
+
+    range_bytes = RANGE_BYTES
 
     def __init__(self, url: str, size: int, label: str):
         self.url, self.size, self.label = url, size, label
@@ -112,22 +114,8 @@ class HubReader(Reader):
             time.sleep(min(20.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise StorageError(f"{self.label}: read of {length} bytes at offset {offset} is past the end of the file ({self.size} bytes); the file is truncated or its header lies")
-        if length == 0:
-            return b""
-        if length <= RANGE_BYTES:
-            return self._get(offset, length)
-        out = bytearray(length)
-
-        def fetch(start: int) -> None:
-            n = min(RANGE_BYTES, length - start)
-            out[start:start + n] = self._get(offset + start, n)
-
-        for f in [_pool().submit(fetch, s) for s in range(0, length, RANGE_BYTES)]:
-            f.result()
-        return out
+    def executor(self) -> ThreadPoolExecutor:
+        return _pool()
 
 
 class HubStorage(Storage):

@@ -16,7 +16,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import StorageError
-from .base import Reader, Storage, Writer, clean_key
+from .base import RangedReader, Storage, Writer, clean_key
 
 MiB = 1024 * 1024
 MIN_PART = 5 * MiB
@@ -115,7 +115,9 @@ def with_retries(fn, label: str):
             time.sleep(min(BACKOFF_CAP_S, 0.25 * 2 ** attempt) * (0.5 + random.random()))
 
 
-class S3Reader(Reader):
+class S3Reader(RangedReader):
+    range_bytes = RANGE_BYTES
+
     def __init__(self, bucket: str, key: str, label: str):
         self.bucket, self.key, self.label = bucket, key, label
         head = with_retries(lambda: client().head_object(Bucket=bucket, Key=key), label)
@@ -133,23 +135,8 @@ class S3Reader(Reader):
             return data
         return with_retries(once, self.label)
 
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise StorageError(f"{self.label}: read of {length} bytes at offset {offset} is past the end of the object ({self.size} bytes); it is truncated or its header lies")
-        if length == 0:
-            return b""
-        if length <= RANGE_BYTES:
-            return self._get(offset, length)
-        out = bytearray(length)
-        starts = range(0, length, RANGE_BYTES)
-
-        def fetch(start):
-            n = min(RANGE_BYTES, length - start)
-            out[start:start + n] = self._get(offset + start, n)
-
-        for f in [pool().submit(fetch, s) for s in starts]:
-            f.result()
-        return out
+    def executor(self) -> ThreadPoolExecutor:
+        return pool()
 
 
 def crc32_b64(data) -> str:
