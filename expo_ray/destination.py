@@ -34,10 +34,9 @@ def check_no_overlap(out: Storage, inputs: dict[str, str]) -> None:
                         "writing there would overwrite or mix with the input; choose another destination")
 
 
-def check_writable(out_uri: str) -> Storage:
-    """The destination's storage, after a small write and delete proved it writable."""
-    if out_uri.startswith("hf://"):
-        raise ExpoError(f"{out_uri}: hf:// locations are read-only sources; write to a local path or s3://")
+def _check_writable(out_uri: str) -> Storage:
+    """The destination's storage, after a small write and delete proved it writable (hf:// is
+    refused by check_destination, before this is reached)."""
     store = open_storage(out_uri)
     probe = f".expo-ray/write-probe-{uuid.uuid4().hex[:8]}"
     try:
@@ -55,4 +54,4 @@ def check_destination(out_uri: str, inputs: dict[str, str] | None = None) -> Sto
         raise ExpoError(f"{out_uri}: hf:// locations are read-only sources; write to a local path or s3://")
     if inputs:
         check_no_overlap(open_storage(out_uri), inputs)
-    return check_writable(out_uri)
+    return _check_writable(out_uri)
