@@ -60,10 +60,10 @@ def main() -> None:
 
     import boto3
     import ray
+    from synthetic_pair import make_pair
 
     from expo_ray.api import extrapolate
     from expo_ray.storage.embedded_s3 import EmbeddedS3
-    from synthetic_pair import make_pair
 
     aws = aws_cli()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="expo-s3-bench-"))

@@ -86,10 +86,7 @@ class Checkpoint:
     @classmethod
     def open(cls, source: str | Storage, require_config: bool = True) -> "Checkpoint":
         storage = open_storage(source) if isinstance(source, str) else source
-        try:
-            files = storage.list()
-        except StorageError:
-            raise
+        files = storage.list()
         top = [f for f in files if "/" not in f]
         if not files:
             raise InvalidCheckpoint(f"{storage.describe()}: no such model folder, or it is empty")

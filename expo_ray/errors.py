@@ -17,5 +17,13 @@ class StorageError(ExpoError):
     """Reading or writing a storage location failed."""
 
 
+class NotFound(StorageError):
+    """The file or object does not exist (every storage backend raises this, never a bare StorageError)."""
+
+
+class AlreadyExists(StorageError):
+    """A create-if-absent write found the key already there (another run committed it first)."""
+
+
 class VerifyError(ExpoError):
     """A variant does not match its manifest."""

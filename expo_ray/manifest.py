@@ -38,7 +38,7 @@ def _content_problem(variant: Storage, key: str, record: dict) -> str | None:
 
 
 def write_manifest(variant: Storage, manifest: dict) -> None:
-    """Create the manifest; fails (StorageError) if one exists, so two runs cannot both commit."""
+    """Create the manifest; fails (AlreadyExists) if one exists, so two runs cannot both commit."""
     variant.write_bytes(MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode(), if_absent=True)
 
 

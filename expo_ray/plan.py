@@ -6,15 +6,13 @@ order. Every problem found is collected and reported at once before anything is 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from .checkpoint import Checkpoint, TensorLocation
 from .errors import PlanError
+from .identity import sources_fingerprint
 from .safetensors_io import FLOAT_DTYPES
 
 # Config keys that decide tensor shapes and meaning; they must agree between the two models.
@@ -214,26 +212,6 @@ class Plan:
         return {t.name: s.key for s in self.shards for t in s.tensors}
 
 
-def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
-    """Identifies a checkpoint by its headers (names, dtypes, shapes, offsets, file sizes) and the
-    content version (size and mtime, ETag, Hub commit) of each shard and of each config, tokenizer
-    and template file: two fine-tunes of one architecture have identical headers, and an edited
-    config or chat template is another model."""
-    shards = list(ckpt.headers)
-    # README.md too: the variants' cards carry over its licence.
-    side = ckpt.aux_files() + (["README.md"] if "README.md" in ckpt.files else [])
-    files = shards + side
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
-        versions = dict(zip(files, pool.map(ckpt.storage.version, files)))
-    h = hashlib.sha256()
-    for shard, header in ckpt.headers.items():
-        h.update(json.dumps([shard, header.file_size, versions[shard],
-                             [[t.name, t.dtype, list(t.shape), t.start] for t in header.tensors]]).encode())
-    for key in side:
-        h.update(json.dumps([key, versions[key]]).encode())
-    return h.hexdigest()
-
-
 def _config_types(ckpt: Checkpoint) -> list[str]:
     """Sizes in config.json must be integers (null is allowed where Hugging Face configs use it)."""
     problems = []
@@ -310,7 +288,7 @@ def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise PlanError(f"{sft.uri} (sft) and {aligned.uri} (aligned) cannot be extrapolated:\n  "
                         + "\n  ".join(shown) + more)
-    fingerprint = hashlib.sha256((checkpoint_fingerprint(sft) + checkpoint_fingerprint(aligned)).encode()).hexdigest()
+    fingerprint = sources_fingerprint(sft, aligned)
     return Plan(sft.uri, aligned.uri, tuple(alphas), rules, options, tuple(shards),
                 tuple(aligned.aux_files()), aligned.has_index, fingerprint, counts)
 

@@ -36,14 +36,13 @@ Every problem names the file, the line and the key, before any work starts:
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from . import identity
 from .errors import ExpoError
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed", "max_tokens")
@@ -125,9 +124,8 @@ class PairSpec:
     @property
     def pair_id(self) -> str:
         """Deterministic id from the inputs and settings (not from the name)."""
-        ident = json.dumps([self.sft, self.aligned, list(self.scale), self.layer_scales, list(self.exclude),
-                            self.copy_unmatched, self.allow_added_rows])
-        return hashlib.sha256(ident.encode()).hexdigest()[:12]
+        return identity.pair_id(self.sft, self.aligned, self.scale, self.layer_scales, self.exclude,
+                                self.copy_unmatched, self.allow_added_rows)
 
     @property
     def folder(self) -> str:

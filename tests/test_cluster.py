@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from reference import reference
+from safetensors.torch import load_file
 
 BIN = Path(sys.executable).parent
 GENERATE = ["--dtype", "float32", "--max-model-len", "256", "--max-tokens", "8", "--temperature", "0"]

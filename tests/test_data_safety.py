@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import upload_folder
+
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.cli import main
 from expo_ray.errors import StorageError

@@ -56,7 +56,7 @@ def test_generation_scoring_report_and_cache(setting):
     assert [r["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
     assert all(set(r) == {"prompt_id", "prompt", "output", "tokens", "finish_reason", "reward"} for r in rows)
     alpaca = json.loads((out / "responses" / "alpha_0.5.alpaca_eval.json").read_text())
-    assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"} 
+    assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"}
     # Each engine's own output is in a file under the evaluation output, not on the console.
     logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
     assert "reward.log" in logs and any(n.startswith("generation-") for n in logs), sorted(logs)

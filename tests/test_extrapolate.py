@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import reference
 from safetensors import safe_open
 
 from expo_ray.api import extrapolate
 from expo_ray.errors import ExpoError
 from expo_ray.manifest import verify_variant
 from expo_ray.storage import LocalStorage
-from reference import reference
 
 ALPHAS = (0.0, 0.1, 0.5, 2.0)
 SMALL_CHUNKS = 0.0625  # MiB: forces several chunks per tensor

@@ -11,14 +11,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import make_bucket, upload_folder
+from test_s3 import local_files, s3_files, shards_only
+
 from expo_ray.api import extrapolate
 from expo_ray.demo.tiny import write_checkpoint
 from expo_ray.errors import ExpoError
 from expo_ray.manifest import verify_variant
 from expo_ray.storage import open_storage
-from test_s3 import local_files, s3_files, shards_only
 
 EXPO = str(Path(sys.executable).with_name("expo-ray"))
 ALPHAS = (0.2, 0.4)
@@ -123,8 +123,9 @@ def test_driver_killed_then_rerun_resumes(ray_local, s3_client, s3_server, slow_
 def test_s3_outage_during_run(ray_local, slow_pair, tmp_path, monkeypatch):
     """The S3 server is killed mid-run and restarted: retries carry the run through, or it fails
     with a clear message and a re-run completes."""
-    from expo_ray.storage.embedded_s3 import EmbeddedS3
     import boto3
+
+    from expo_ray.storage.embedded_s3 import EmbeddedS3
 
     sft, aligned, clean = slow_pair
     server = EmbeddedS3(tmp_path / "weed").start()

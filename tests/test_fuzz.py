@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from expo_ray.cli import main
 from expo_ray.manifest import FORMAT, MANIFEST_FILE, file_record, find_variants, verify_variant

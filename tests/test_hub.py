@@ -9,12 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hub_server import HubServer
 
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.errors import StorageError
 from expo_ray.storage import open_storage
-
-from hub_server import HubServer
 
 ALPHAS = (0.5, 2.0)
 

@@ -4,11 +4,11 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import make_bucket, upload_folder
+from ray_head import BIN, RayHead
+
 from expo_ray.manifest import verify_variant
 from expo_ray.storage import open_storage
-from ray_head import BIN, RayHead
 
 TIMEOUT_S = 420
 

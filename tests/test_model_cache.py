@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_bucket, upload_folder
+
 from expo_ray.api import extrapolate
 from expo_ray.evaluate.model_cache import COMPLETE, LEASES, CacheFull, ModelCache
 from expo_ray.evaluate.models import local_copy, models_to_evaluate

@@ -12,10 +12,10 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
+from test_extrapolate import load_all
 
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.modelcard import MERGEKIT_FILE, mergekit_config, model_card
-from test_extrapolate import load_all
 
 SOURCE_CARD = """---
 license: apache-2.0

@@ -8,8 +8,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import make_bucket
+
 from expo_ray import hashing, kernel, pieces
 from expo_ray.api import make_plan
 from expo_ray.extrapolate import run_plan

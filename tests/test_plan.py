@@ -6,8 +6,17 @@ import pytest
 
 from expo_ray.checkpoint import Checkpoint
 from expo_ray.errors import InvalidCheckpoint, PlanError
-from expo_ray.plan import (COPY, COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, AlphaRules, Options, build_plan,
-                           layer_group, parse_alphas)
+from expo_ray.plan import (
+    COPY,
+    COPY_IDENTICAL,
+    EXTEND_ROWS,
+    EXTRAPOLATE,
+    AlphaRules,
+    Options,
+    build_plan,
+    layer_group,
+    parse_alphas,
+)
 
 
 def copy_of(src, tmp_path, name):
@@ -152,7 +161,7 @@ def test_fingerprint_follows_content_not_only_headers(bf16_pair, tmp_path):
     resume receipts, evaluation caches and the local model cache) must still differ."""
     import os
 
-    from expo_ray.plan import checkpoint_fingerprint
+    from expo_ray.identity import checkpoint_fingerprint
 
     _, aligned = bf16_pair
     copy = tmp_path / "copy"

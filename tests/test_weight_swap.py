@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_greedy_under_transformers
 from safetensors.torch import load_file
 
-from conftest import assert_greedy_under_transformers
 from expo_ray.api import extrapolate
 from expo_ray.demo.tiny import build_tiny_pair, build_unrelated
 from expo_ray.errors import ExpoError, PlanError

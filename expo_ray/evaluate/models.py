@@ -6,15 +6,15 @@ included; the SFT model optionally.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
+from ..commit import ROOT_INDEX
 from ..errors import ExpoError
-from ..extrapolate import ROOT_INDEX
+from ..identity import checkpoint_identity
 from ..manifest import MANIFEST_FILE, find_variants, read_manifest, verify_variant
-from ..plan import checkpoint_fingerprint, variant_name
+from ..plan import variant_name
 from ..storage import open_storage
 from .model_cache import ModelCache, default_root
 
@@ -25,13 +25,6 @@ class ModelRef:
     alpha: float | None  # None for the SFT model
     uri: str
     identity: str       # changes whenever the weights could differ
-
-
-def checkpoint_identity(uri: str) -> str:
-    """Identity of a source checkpoint from its headers and files (no tensor reads)."""
-    ckpt = Checkpoint.open(uri, require_config=False)
-    prefix = ckpt.uri if ckpt.uri.startswith("hf://") else ""  # a hub commit names the weights too
-    return hashlib.sha256((prefix + checkpoint_fingerprint(ckpt)).encode()).hexdigest()
 
 
 def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify: bool = False) -> list[ModelRef]:

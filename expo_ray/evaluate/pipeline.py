@@ -11,7 +11,6 @@ fills in only what is missing.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,18 +18,18 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..errors import ExpoError
+from ..identity import checkpoint_identity, evaluation_id, generation_key, reward_key
 from ..plan import format_alpha
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import Storage, open_storage
 from .actors import ENGINE_LOGS_ENV
 from .aggregate import Scored, summarize
-from .models import ModelRef, checkpoint_identity, model_config, models_to_evaluate
+from .models import ModelRef, model_config, models_to_evaluate
 from .prompts import PromptSet
 from .report import write_report
 from .vllm_support import installed_version, resolve_swap
 
 log = logging.getLogger("expo_ray")
-SEEDING = "seed-per-prompt"  # part of every generation cache key: how sampling seeds are drawn
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,6 @@ class EngineSettings:
                                     # (None: when the installed vLLM is a version swapping was tested with)
     chat_template: str | None = None  # for generation models whose tokenizer has none (Jinja text)
     long_prompts: str = "skip"      # a prompt longer than the context: "skip" (counted) or "error"
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def plan_for(ray, settings: EngineSettings, models: int = 1):
@@ -198,18 +193,18 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     check_reward_model(reward_model, settings.trust_remote_code, model_config(reward_model))  # before any engine starts
     prompts, skipped = _fitting_prompts(models, prompts, settings)
     reward_id = checkpoint_identity(reward_model)
-    eval_id = _key(prompts.fingerprint, sampling, reward_id)[:12]
+    eval_id = evaluation_id(prompts.fingerprint, sampling, reward_id)
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
 
     texts = [p.text for p in prompts.prompts]
-    template = [settings.chat_template] if settings.chat_template else []  # absent: earlier caches stay valid
-    gen_keys = {m.label: _key(m.identity, prompts.fingerprint, sampling, settings.max_model_len, SEEDING, *template)
+    gen_keys = {m.label: generation_key(m.identity, prompts.fingerprint, sampling, settings.max_model_len,
+                                        settings.chat_template)
                 for m in models}
     todo = [m for m in models if not out.exists(f"cache/generations-{gen_keys[m.label]}.json")]
     log.info("evaluating %d model(s) on %d prompts (%s); %d need generation, the rest are cached",
              len(models), len(texts), prompts.name, len(todo))
 
-    reward_keys = {m.label: _key(gen_keys[m.label], reward_id) for m in models}
+    reward_keys = {m.label: reward_key(gen_keys[m.label], reward_id) for m in models}
     to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
     ray = ensure_ray(address)
     plan = plan_for(ray, settings, len(todo))

@@ -22,12 +22,21 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..errors import ExpoError
+from ..identity import checkpoint_identity
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import open_storage
 from .actors import ENGINE_LOGS_ENV
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
-from .models import ModelRef, checkpoint_identity, model_config
-from .pipeline import EngineSettings, _fitting_prompts, _stop, engine_kwargs, generation_kwargs, plan_for, start_reward_actor
+from .models import ModelRef, model_config
+from .pipeline import (
+    EngineSettings,
+    _fitting_prompts,
+    _stop,
+    engine_kwargs,
+    generation_kwargs,
+    plan_for,
+    start_reward_actor,
+)
 from .prompts import PromptSet
 from .selection import describe
 from .vllm_support import installed_version, resolve_swap

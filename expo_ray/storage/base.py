@@ -1,4 +1,4 @@
-"""The storage interface every backend implements (local folders now; S3 and the Hub next).
+"""The storage interface every backend implements: local folders, S3 and the Hugging Face Hub.
 
 Paths passed to a Storage are relative, '/'-separated keys inside its root. Backends must
 refuse keys that escape the root (absolute paths, '..' parts).
@@ -128,7 +128,7 @@ class Storage(ABC):
     @abstractmethod
     def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> Writer:
         """A streaming writer for `key`. `size_hint` (the final size, if known) lets object stores
-        choose part sizes; with `if_absent` the commit fails with StorageError if `key` exists
+        choose part sizes; with `if_absent` the commit fails with AlreadyExists if `key` exists
         (exactly-once creation, used for manifests)."""
 
     @abstractmethod

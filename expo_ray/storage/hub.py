@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
-from ..errors import StorageError
+from ..errors import NotFound, StorageError
 from .base import RangedReader, Reader, Storage, Writer, clean_key
 from .local import LocalReader
 
@@ -97,7 +97,7 @@ class HubReader(RangedReader):
                     raise StorageError(f"{self.label}: the Hub refused access (HTTP {response.status_code}; "
                                        "a gated or private model needs HF_TOKEN)")
                 elif response.status_code == 404:
-                    raise StorageError(f"{self.label}: not found on the Hub")
+                    raise NotFound(f"{self.label}: not found on the Hub")
                 elif response.status_code == 200:
                     raise StorageError(f"{self.label}: the server ignored the byte range (HTTP 200 for a range "
                                        "request); it does not speak the Hub's protocol")
@@ -129,7 +129,12 @@ class HubStorage(Storage):
 
     def _resolve(self, repo: str, revision: str) -> tuple[str, dict[str, int]]:
         from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         label = f"hf://{repo}@{revision}"
         try:
@@ -163,7 +168,7 @@ class HubStorage(Storage):
     def _key(self, key: str) -> str:
         key = clean_key(key)
         if key not in self._sizes:
-            raise StorageError(f"{self.describe(key)}: not in the repository")
+            raise NotFound(f"{self.describe(key)}: not in the repository")
         return key
 
     def cached_path(self, key: str) -> str | None:

@@ -11,7 +11,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from ..errors import StorageError
+from ..errors import AlreadyExists, NotFound, StorageError
 from .base import Reader, Storage, Writer, clean_key
 
 TEMP_MARK = ".expo-partial-"
@@ -41,7 +41,7 @@ class LocalReader(Reader):
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise StorageError(f"{label}: file not found") from None
+            raise NotFound(f"{label}: file not found") from None
         except OSError as exc:
             raise StorageError(f"{label}: cannot open ({exc.strerror})") from None
         self.size = os.fstat(self._fd).st_size
@@ -93,7 +93,7 @@ class LocalWriter(Writer):
                 os.replace(self.temp, self.final)
         except FileExistsError:
             self.abort()
-            raise StorageError(f"{self.label}: already exists (written by another run)") from None
+            raise AlreadyExists(f"{self.label}: already exists (written by another run)") from None
         except OSError as exc:
             self.abort()
             raise StorageError(f"{self.label}: cannot write ({exc.strerror})") from None
@@ -177,7 +177,7 @@ class LocalStorage(Storage):
         try:
             return self._confined(key).stat()
         except FileNotFoundError:
-            raise StorageError(f"{self.describe(key)}: file not found") from None
+            raise NotFound(f"{self.describe(key)}: file not found") from None
         except OSError as exc:
             raise StorageError(f"{self.describe(key)}: cannot access ({exc.strerror})") from None
 

@@ -15,7 +15,7 @@ import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import StorageError
+from ..errors import AlreadyExists, NotFound, StorageError
 from .base import RangedReader, Storage, Writer, clean_key
 
 MiB = 1024 * 1024
@@ -91,13 +91,13 @@ def explain(exc: BaseException, label: str) -> StorageError:
         if code == "NoSuchBucket":
             return StorageError(f"{label}: the bucket does not exist")
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageError(f"{label}: not found")
+            return NotFound(f"{label}: not found")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             return StorageError(f"{label}: the S3 credentials were rejected ({code})")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
             return StorageError(f"{label}: access denied (check the credentials and the bucket policy)")
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-            return StorageError(f"{label}: already exists (written by another run)")
+            return AlreadyExists(f"{label}: already exists (written by another run)")
         return StorageError(f"{label}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
     if is_transient(exc):
         return StorageError(f"{label}: S3 did not answer after {ATTEMPTS} attempts ({type(exc).__name__}: {exc})")
@@ -303,17 +303,11 @@ class S3Storage(Storage):
         return S3Reader(self.bucket, self._key(key), self.describe(key))
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         full = self._key(key)
         try:
             with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))
             return True
-        except StorageError as exc:
-            if str(exc).endswith(": not found"):
-                return False
-            raise
-        except ClientError:  # pragma: no cover - with_retries converts these
+        except NotFound:
             return False
 
     def size(self, key: str) -> int:
