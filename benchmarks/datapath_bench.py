@@ -45,7 +45,8 @@ def bench_hub(args, work: Path) -> None:
     from expo_ray.api import extrapolate, make_plan
     from expo_ray.demo.tiny import build_tiny_pair
 
-    sft, aligned = build_tiny_pair(work / "hub-pair", hidden_size=args.hub_hidden, intermediate_size=2 * args.hub_hidden,
+    sft, aligned = build_tiny_pair(work / "hub-pair", hidden_size=args.hub_hidden,
+                                   intermediate_size=2 * args.hub_hidden,
                                    num_hidden_layers=args.hub_layers, num_attention_heads=args.hub_hidden // 64,
                                    num_key_value_heads=max(1, args.hub_hidden // 256),
                                    sft_shard_size=args.hub_shard_mb * 1_000_000,
@@ -72,25 +73,28 @@ def bench_hub(args, work: Path) -> None:
     print("| step | bytes served | of checkpoint bytes | wall s |")
     print("|---|---:|---:|---:|")
     print(f"| plan (make_plan, headers + config + index) | {plan_bytes:,} | {plan_bytes / total:.3%} | {plan_s:.2f} |")
-    print(f"| extrapolate, 2 alphas (Ray, {os.cpu_count()} CPUs) | {run_bytes:,} | {run_bytes / total:.3%} | {run_s:.2f} |")
+    print(f"| extrapolate, 2 alphas (Ray, {os.cpu_count()} CPUs) | {run_bytes:,} | {run_bytes / total:.3%} | "
+          f"{run_s:.2f} |")
     print(f"\nrun outputs byte-identical to the local-folder run: {'yes' if same else 'NO'}")
 
 
 def bench_swap(args, work: Path) -> None:
     from expo_ray.demo.tiny import build_tiny_pair
-    from expo_ray.evaluate.vllm_engine import GenerationEngine
-    from expo_ray.evaluate.weight_swap import extrapolated_source
+    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
+    from expo_ray.evaluate.engine.weight_swap import extrapolated_source
 
     sft, aligned = build_tiny_pair(work / "swap-pair", dtype="float32", delta_scale=0.3, seed=3,
                                    num_hidden_layers=args.layers, hidden_size=args.hidden,
-                                   num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),
+                                   num_attention_heads=args.hidden // 64,
+                                   num_key_value_heads=max(1, args.hidden // 256),
                                    intermediate_size=args.intermediate)
     tensor_bytes = folder_bytes(aligned, "*.safetensors")
     elements = tensor_bytes // 4
     rows = []
     for tp in (1, 2):
         began = time.perf_counter()
-        engine = GenerationEngine(str(aligned), tensor_parallel_size=tp, swappable=True, dtype="float32", max_model_len=512)
+        engine = GenerationEngine(str(aligned), tensor_parallel_size=tp, swappable=True, dtype="float32",
+                                  max_model_len=512)
         start_s = time.perf_counter() - began
         report = engine.swap_weights(extrapolated_source(str(sft), str(aligned), 2.0))
         engine.close()
@@ -98,10 +102,12 @@ def bench_swap(args, work: Path) -> None:
             rows.append((tp, r, start_s))
     print(f"\n### Per-rank swaps ({args.layers} layers, hidden {args.hidden}, float32; {tensor_bytes / MB:.1f} MB "
           f"per checkpoint, {elements:,} elements)\n")
-    print("| TP | rank | swap s | bytes read | of both checkpoints | elements computed | of all | tensors in part / whole |")
+    print("| TP | rank | swap s | bytes read | of both checkpoints | elements computed | of all | "
+          "tensors in part / whole |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for tp, r, _ in rows:
-        print(f"| {tp} | {r['rank']} | {r['seconds']:.3f} | {r['bytes_read']:,} | {r['bytes_read'] / (2 * tensor_bytes):.1%} | "
+        print(f"| {tp} | {r['rank']} | {r['seconds']:.3f} | {r['bytes_read']:,} | "
+              f"{r['bytes_read'] / (2 * tensor_bytes):.1%} | "
               f"{r['elements_computed']:,} | {r['elements_computed'] / elements:.1%} | {r['sliced']} / {r['whole']} |")
 
 

@@ -36,14 +36,15 @@ def main() -> None:
 
     from expo_ray.demo.tiny import build_tiny_pair
     from expo_ray.demo.tiny_reward import build_tiny_reward_model
-    from expo_ray.evaluate.actors import generation_actor, reward_actor
-    from expo_ray.evaluate.vllm_engine import GenerationEngine, RewardEngine, SamplingSettings
+    from expo_ray.evaluate.engine.actors import generation_actor, reward_actor
+    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine, RewardEngine
+    from expo_ray.options import SamplingOptions
 
     work = Path(tempfile.mkdtemp(prefix="expo-eval-bench-"))
     _, model = build_tiny_pair(work / "pair", dtype="float32")
     rm = build_tiny_reward_model(work / "rm")
     prompts = [f"Question number {i}: tell me something about the number {i}." for i in range(args.prompts)]
-    sampling = SamplingSettings(max_tokens=args.max_tokens)
+    sampling = SamplingOptions(max_tokens=args.max_tokens)
     kwargs = {"dtype": "float32", "max_model_len": 512}
 
     def best(fn):
@@ -97,9 +98,11 @@ def main() -> None:
     print("| method | generation s | prompts/s | tokens/s | scoring s | scored/s | engine start-up s (gen, reward) |")
     print("|---|---|---|---|---|---|---|")
     for name, g, tok, r, sg, sr in rows:
-        print(f"| {name} | {g:.2f} | {args.prompts / g:.1f} | {tok / g:.0f} | {r:.2f} | {args.prompts / r:.1f} | {sg:.0f}, {sr:.0f} |")
+        print(f"| {name} | {g:.2f} | {args.prompts / g:.1f} | {tok / g:.0f} | {r:.2f} | {args.prompts / r:.1f} | "
+              f"{sg:.0f}, {sr:.0f} |")
     (_, g0, _, r0, _, _), (_, g1, _, r1, _, _) = rows
-    print(f"\nRay overhead once engines are up: generation {100 * (g1 / g0 - 1):+.1f}%, scoring {100 * (r1 / r0 - 1):+.1f}%")
+    print(f"\nRay overhead once engines are up: generation {100 * (g1 / g0 - 1):+.1f}%, "
+          f"scoring {100 * (r1 / r0 - 1):+.1f}%")
 
 
 if __name__ == "__main__":

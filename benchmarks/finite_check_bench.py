@@ -42,7 +42,8 @@ def main() -> None:
         check_chunk("bench", "BF16", a_bytes, s_bytes, alphas, [repr(a) for a in alphas], outs, False)
         check_s.append(time.perf_counter() - began)
     per = lambda s: s / n * 1e9  # noqa: E731
-    print(f"{n:,} bf16 elements x {len(alphas)} alphas, {args.rounds} interleaved rounds (kernel: {kernel.backend()})\n")
+    print(f"{n:,} bf16 elements x {len(alphas)} alphas, {args.rounds} interleaved rounds "
+          f"(kernel: {kernel.backend()})\n")
     print("| step | median ns/element | min ns/element | median, share of the kernel |")
     print("|---|---:|---:|---:|")
     for label, times in (("kernel (all alphas)", kernel_s), ("finite check", check_s)):

@@ -210,7 +210,8 @@ def main(argv=None) -> int:
             done = after["element_alphas"] - before["element_alphas"]
             t2 = (after["tier2"] - before["tier2"]) / done
             t3 = (after["tier3"] - before["tier3"]) / done
-            print(f"| {alpha:g} | {cpu * 1e9 / n:.2f} | {100 * (1 - t2 - t3):.2f}% | {100 * t2:.2f}% | {100 * t3:.4f}% |")
+            print(f"| {alpha:g} | {cpu * 1e9 / n:.2f} | {100 * (1 - t2 - t3):.2f}% | {100 * t2:.2f}% | "
+                  f"{100 * t3:.4f}% |")
     return 0
 
 

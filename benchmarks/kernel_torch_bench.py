@@ -54,7 +54,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print("| method | device | elements | seconds | ns per element | bits differing from the C kernel |")
     print("|---|---|---:|---:|---:|---:|")
-    print(f"| C kernel (`expo_ray.kernel`) | CPU, 1 thread | {args.elements:,} | {c_s:.3f} | {c_s / args.elements * 1e9:.2f} | - |")
+    print(f"| C kernel (`expo_ray.kernel`) | CPU, 1 thread | {args.elements:,} | {c_s:.3f} | "
+          f"{c_s / args.elements * 1e9:.2f} | - |")
     print(f"| torch (`expo_ray.kernel_torch`), best of {args.repeat} | {name} | {args.elements:,} | {best:.3f} | "
           f"{best / args.elements * 1e9:.2f} | {differ} |")
     sys.exit(1 if differ else 0)

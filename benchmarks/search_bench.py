@@ -29,13 +29,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
-    from expo_ray.evaluate.pipeline import EngineSettings, evaluate_variants
+    from expo_ray.evaluate.pipeline import evaluate_variants
     from expo_ray.evaluate.prompts import load_prompts
-    from expo_ray.evaluate.search import SearchSettings, materialize, search_alpha
+    from expo_ray.options import EngineOptions, SamplingOptions, SearchOptions
+    from expo_ray.search.driver import materialize, search_alpha
 
     summary = json.loads((Path(args.workdir) / "demo-summary.json").read_text())
     prompts = load_prompts(summary["models"]["prompts"])
-    settings = EngineSettings(dtype="float32", max_model_len=256)
+    settings = EngineOptions(dtype="float32", max_model_len=256)
     n = len(prompts.prompts)
     rows = []
     for name in args.models.split(","):
@@ -45,16 +46,16 @@ def main() -> None:
         out = tempfile.mkdtemp(prefix=f"search-bench-{name}-")
         began = time.perf_counter()
         report = search_alpha(summary["models"]["sft"], summary["models"][name], prompts, summary["models"]["reward"],
-                              out_uri=out, sampling=summary["sampling"], settings=settings,
-                              search=SearchSettings(grid=tuple(sorted(grid)), budget=budget))
+                              out_uri=out, sampling=SamplingOptions(**summary["sampling"]), engine=settings,
+                              search=SearchOptions(grid=tuple(sorted(grid)), budget=budget))
         search_s = time.perf_counter() - began
         chosen = report["best"]["alpha"]
         if chosen in grid:
             full = grid[chosen]["mean_reward"]
         else:
             materialize(summary["models"]["sft"], summary["models"][name], [chosen], out, show_progress=False)
-            evaluated = evaluate_variants(out, prompts, summary["models"]["reward"], sampling=summary["sampling"],
-                                          settings=settings)
+            evaluated = evaluate_variants(out, prompts, summary["models"]["reward"],
+                                          sampling=SamplingOptions(**summary["sampling"]), engine=settings)
             full = next(r["mean_reward"] for r in evaluated["results"] if r["alpha"] == chosen)
         rows.append((name, best, chosen, full, report["generations"], len(grid) * n, search_s,
                      summary["dpo"][name].get("eval_seconds")))
@@ -64,7 +65,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, best, chosen, full, used, grid_gens, search_s, grid_s in rows:
         within = best["ci_low"] <= full <= best["ci_high"] or full >= best["mean_reward"]
-        print(f"| {name} | {best['alpha']:g} | {best['mean_reward']:.3f} [{best['ci_low']:.3f}, {best['ci_high']:.3f}] | "
+        print(f"| {name} | {best['alpha']:g} | "
+              f"{best['mean_reward']:.3f} [{best['ci_low']:.3f}, {best['ci_high']:.3f}] | "
               f"{chosen:g} | {full:.3f} | {'yes' if within else 'NO'} | {used} / {grid_gens} | {search_s:.0f} | "
               f"{'-' if grid_s is None else f'{grid_s:.0f}'} |")
 

@@ -64,7 +64,8 @@ def main() -> None:
                     help="aligned = sft + delta_scale * rms(p) * N(0, 1): large enough that alphas change outputs")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed engine starts before the clock starts (the first start in a process can be slower)")
-    ap.add_argument("--workdir", default=None, help="where to build models and variants (default: a temporary folder, removed)")
+    ap.add_argument("--workdir", default=None,
+                    help="where to build models and variants (default: a temporary folder, removed)")
     args = ap.parse_args()
     alphas = [float(a) for a in args.alphas.split(",")]
     intermediate = args.intermediate or 2 * args.hidden
@@ -76,8 +77,9 @@ def main() -> None:
 
     from expo_ray.api import extrapolate
     from expo_ray.demo.tiny import build_tiny_pair
-    from expo_ray.evaluate.vllm_engine import GenerationEngine, SamplingSettings
-    from expo_ray.evaluate.weight_swap import extrapolated_source
+    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
+    from expo_ray.evaluate.engine.weight_swap import extrapolated_source
+    from expo_ray.options import SamplingOptions
     from expo_ray.plan import variant_name
     from expo_ray.ray_runtime import ensure_ray
 
@@ -91,7 +93,7 @@ def main() -> None:
     build_s = time.perf_counter() - t
     model_bytes = folder_bytes(aligned)
     prompts = [f"Question number {i}: tell me something about the number {i}." for i in range(args.prompts)]
-    greedy = SamplingSettings.greedy(max_tokens=args.max_tokens)
+    greedy = SamplingOptions.greedy(max_tokens=args.max_tokens)
     kwargs = {"dtype": "float32", "max_model_len": 512}
 
     def generate(engine):
@@ -150,7 +152,8 @@ def main() -> None:
           f"vLLM {vllm.__version__} (CPU, enforce_eager)")
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
     print(f"model: tiny Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV), "
-          f"MLP {intermediate}, vocab 384, float32, {model_bytes / 1e6:.1f} MB per checkpoint (built in {build_s:.1f} s); "
+          f"MLP {intermediate}, vocab 384, float32, {model_bytes / 1e6:.1f} MB per checkpoint "
+          f"(built in {build_s:.1f} s); "
           f"delta_scale {args.delta_scale}")
     print(f"sweep: {len(alphas)} alphas {', '.join(f'{a:g}' for a in alphas)}; {args.prompts} prompts, greedy, "
           f"max_tokens {args.max_tokens}; Ray start-up for (b), not counted: {ray_start:.1f} s; "

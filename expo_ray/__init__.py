@@ -9,8 +9,8 @@ The Python API (for notebooks and scripts) runs the same steps as the `expo-ray`
     report = expo_ray.search(sft, aligned, prompts, reward_model, out=out2)
 
 Their arguments are documented in expo_ray.api (load_prompts: expo_ray.evaluate.prompts).
-`expo_ray.extrapolate` and `expo_ray.evaluate` are also the modules of those names: calling them
-runs the API function. Importing the package stays cheap; each call imports what it needs.
+`expo_ray.extrapolate`, `expo_ray.evaluate` and `expo_ray.search` are also the modules of those
+names: calling them runs the API function. Importing the package stays cheap; each call imports what it needs.
 """
 import importlib
 import types
@@ -27,13 +27,6 @@ class CallableModule(types.ModuleType):
         return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
 
 
-def search(sft, aligned, prompts, reward_model, **options):
-    """Adaptive alpha search, then the best variant written (see expo_ray.api.search)."""
-    from .api import search as run
-
-    return run(sft, aligned, prompts, reward_model, **options)
-
-
 def load_prompts(spec, **options):
     """A prompt set: "ultrafeedback", "alpaca_eval" or a file (see expo_ray.evaluate.prompts.load_prompts)."""
     from .evaluate.prompts import load_prompts as load
@@ -42,7 +35,7 @@ def load_prompts(spec, **options):
 
 
 def __getattr__(name):
-    if name in ("extrapolate", "evaluate"):  # first use, before anything imported the module
+    if name in ("extrapolate", "evaluate", "search"):  # first use, before anything imported the module
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

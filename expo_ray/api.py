@@ -1,29 +1,39 @@
-"""The library entry points the CLI and jobs call: open, plan, execute."""
+"""The Python API (for notebooks and scripts): the same steps as the `expo-ray` command.
+
+Options are given as keyword arguments, by the names of the fields of the options objects in
+:mod:`expo_ray.options` (PlanOptions, WriteOptions, EngineOptions, SamplingOptions, SearchOptions).
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
-from .checkpoint import Checkpoint
-from .extrapolate import DEFAULT_CHUNK_MIB, ExtrapolationResult, run_plan
-from .plan import AlphaRules, Options, Plan, build_plan
+from .extrapolate import ExtrapolationResult, run_plan
+from .options import EngineOptions, PlanOptions, SamplingOptions, SearchOptions, WriteOptions
+from .plan import Plan, make_plan as _make_plan
 
 
-def make_plan(sft: str, aligned: str, alphas: Sequence[float], *, scales: Sequence[str] = (),
-              layer_scales: str | None = None, exclude: Sequence[str] = (), copy_unmatched: bool = False,
-              allow_added_rows: bool = False, allow_nonfinite: bool = False) -> Plan:
-    """Open both checkpoints (headers only), pair tensors by name and validate."""
-    rules = AlphaRules.build(list(scales), layer_scales, list(exclude))
-    options = Options(copy_unmatched=copy_unmatched, allow_added_rows=allow_added_rows, allow_nonfinite=allow_nonfinite)
-    return build_plan(Checkpoint.open(sft), Checkpoint.open(aligned), tuple(float(a) for a in alphas), rules, options)
+def _split(options: dict, *classes) -> list:
+    """One object per class from keyword arguments; an unknown name is a TypeError."""
+    fields = [{f for f in cls.__dataclass_fields__} for cls in classes]
+    unknown = set(options) - set().union(*fields)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    return [cls.from_dict({k: v for k, v in options.items() if k in names}) for cls, names in zip(classes, fields)]
 
 
-def extrapolate(sft: str, aligned: str, alphas: Sequence[float], out: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB,
-                address: str | None = None, show_progress: bool = True, sha256: bool = False,
-                **plan_options) -> ExtrapolationResult:
-    """Write one committed variant folder per alpha under `out` (files recorded with BLAKE3, and
-    sha256 too if `sha256`)."""
-    plan = make_plan(sft, aligned, alphas, **plan_options)
-    return run_plan(plan, out, chunk_mib=chunk_mib, address=address, show_progress=show_progress, sha256=sha256)
+def make_plan(sft: str, aligned: str, alphas: Sequence[float], **plan_options) -> Plan:
+    """Open both checkpoints (headers only), pair tensors by name and validate (PlanOptions fields)."""
+    (plan,) = _split(plan_options, PlanOptions)
+    return _make_plan(sft, aligned, alphas, plan)
+
+
+def extrapolate(sft: str, aligned: str, alphas: Sequence[float], out: str, *, address: str | None = None,
+                show_progress: bool = True, **options) -> ExtrapolationResult:
+    """Write one committed variant folder per alpha under `out` (PlanOptions and WriteOptions fields,
+    e.g. scales=["*.mlp.*=0.5"], chunk_mib=512, sha256=True)."""
+    plan, write = _split(options, PlanOptions, WriteOptions)
+    return run_plan(_make_plan(sft, aligned, alphas, plan), out, write=write, address=address,
+                    show_progress=show_progress)
 
 
 def evaluate(variants: str, prompts, reward_model: str, *, out: str | None = None, sampling: dict | None = None,
@@ -32,15 +42,16 @@ def evaluate(variants: str, prompts, reward_model: str, *, out: str | None = Non
     model), score them with `reward_model`, write responses and the report; return the report.
 
     `prompts`: a PromptSet (:func:`load_prompts`) or what load_prompts takes ("ultrafeedback",
-    "alpaca_eval", a file). `sampling`: SamplingSettings fields (default: the ExPO paper's).
-    `engine`: EngineSettings fields (tp, reward_tp, max_model_len, dtype, trust_remote_code, ...).
+    "alpaca_eval", a file). `sampling`: SamplingOptions fields (default: the ExPO paper's).
+    `engine`: EngineOptions fields (tp, reward_tp, max_model_len, dtype, trust_remote_code, ...).
     """
-    from .evaluate.pipeline import EngineSettings, evaluate_variants
+    from .evaluate.pipeline import evaluate_variants
     from .evaluate.prompts import load_prompts
 
     prompts = load_prompts(prompts) if isinstance(prompts, str) else prompts
-    return evaluate_variants(variants, prompts, reward_model, sampling=dict(sampling or {}),
-                             settings=EngineSettings(**engine), out_uri=out, include_sft=include_sft, address=address)
+    return evaluate_variants(variants, prompts, reward_model, sampling=SamplingOptions.from_dict(sampling),
+                             engine=EngineOptions.from_dict(engine), out_uri=out, include_sft=include_sft,
+                             address=address)
 
 
 def search(sft: str, aligned: str, prompts, reward_model: str, *, out: str, alphas: Sequence[float] | None = None,
@@ -49,17 +60,17 @@ def search(sft: str, aligned: str, prompts, reward_model: str, *, out: str, alph
            **engine) -> dict:
     """Adaptive alpha search on one engine that swaps weights in place (report under `out`/search);
     with `materialize`, the best alpha is then written and verified under `out`. Returns the
-    report, with "materialized": the variant URIs written."""
-    from .evaluate.pipeline import EngineSettings
+    report, with "materialized": the variant URIs written. `plan_options`: PlanOptions fields."""
     from .evaluate.prompts import load_prompts
-    from .evaluate.search import SearchSettings, materialize as write_variants, search_alpha
+    from .search.driver import materialize as write_variants, search_alpha
 
     prompts = load_prompts(prompts) if isinstance(prompts, str) else prompts
-    settings = SearchSettings(budget=budget, initial_prompts=initial_prompts,
-                              **({"grid": tuple(float(a) for a in alphas)} if alphas is not None else {}))
-    report = search_alpha(sft, aligned, prompts, reward_model, out_uri=out, sampling=dict(sampling or {}),
-                          settings=EngineSettings(**engine), search=settings, plan_options=plan_options,
-                          address=address)
-    report["materialized"] = (write_variants(sft, aligned, [report["best"]["alpha"]], out, plan_options=plan_options,
+    settings = SearchOptions(budget=budget, initial_prompts=initial_prompts,
+                             **({"grid": tuple(float(a) for a in alphas)} if alphas is not None else {}))
+    plan = PlanOptions.from_dict(plan_options)
+    report = search_alpha(sft, aligned, prompts, reward_model, out_uri=out, address=address,
+                          sampling=SamplingOptions.from_dict(sampling), engine=EngineOptions.from_dict(engine),
+                          search=settings, plan=plan)
+    report["materialized"] = (write_variants(sft, aligned, [report["best"]["alpha"]], out, plan=plan,
                                              address=address, show_progress=False) if materialize else [])
     return report

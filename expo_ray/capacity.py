@@ -13,8 +13,9 @@ Where the node types come from, first found wins:
    ``~/ray_bootstrap_config.yaml``), or the file named by ``EXPO_RAY_AUTOSCALING_CONFIG``;
 2. otherwise the live nodes (counted as they are; nothing can be added).
 A node type that does not declare ``memory`` (the autoscaler does not require it) is not judged
-on memory: declare it (bytes) to have memory requests judged before such a node runs. When an autoscaler runs but its config cannot be read
-(e.g. KubeRay's autoscaler sidecar), nothing is refused and the engine count is the live one.
+on memory: declare it (bytes) to have memory requests judged before such a node runs. When an
+autoscaler runs but its config cannot be read (e.g. KubeRay's autoscaler sidecar), nothing is
+refused and the engine count is the live one.
 """
 from __future__ import annotations
 

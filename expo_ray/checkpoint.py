@@ -96,14 +96,17 @@ class Checkpoint:
         elif SINGLE_FILE in top:
             weight_map, shards = None, [SINGLE_FILE]
         else:
-            pickles = [f for f in top if f.endswith((".bin", ".pt", ".pth", ".ckpt")) or f == "pytorch_model.bin.index.json"]
+            pickles = [f for f in top
+                       if f.endswith((".bin", ".pt", ".pth", ".ckpt")) or f == "pytorch_model.bin.index.json"]
             if pickles:
                 raise InvalidCheckpoint(f"{storage.describe(pickles[0])}: {PICKLE_HINT}")
-            raise InvalidCheckpoint(f"{storage.describe()}: not a safetensors model folder (no {SINGLE_FILE} or {INDEX_FILE})")
+            raise InvalidCheckpoint(f"{storage.describe()}: not a safetensors model folder (no {SINGLE_FILE} or "
+                                    f"{INDEX_FILE})")
 
         missing = [s for s in shards if s not in files]
         if missing:
-            raise InvalidCheckpoint(f"{storage.describe(INDEX_FILE)}: names shard {missing[0]!r}, which does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise InvalidCheckpoint(f"{storage.describe(INDEX_FILE)}: names shard {missing[0]!r}, which does not "
+                                    "exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         with ThreadPoolExecutor(max_workers=min(16, len(shards))) as pool:
             headers = dict(zip(shards, pool.map(lambda s: read_header(storage, s), shards)))
 
@@ -111,7 +114,8 @@ class Checkpoint:
         for shard, header in headers.items():
             for info in header.tensors:
                 if info.name in seen:
-                    raise InvalidCheckpoint(f"{storage.describe(shard)}: tensor {info.name!r} also appears in {seen[info.name]}")
+                    raise InvalidCheckpoint(f"{storage.describe(shard)}: tensor {info.name!r} also appears in "
+                                            f"{seen[info.name]}")
                 seen[info.name] = shard
         if not seen:
             raise InvalidCheckpoint(f"{storage.describe(shards[0])}: holds no tensors; not a model")
@@ -119,10 +123,12 @@ class Checkpoint:
             for name, shard in weight_map.items():
                 if seen.get(name) != shard:
                     where = f"it is in {seen[name]}" if name in seen else "no shard has it"
-                    raise InvalidCheckpoint(f"{storage.describe(INDEX_FILE)}: maps tensor {name!r} to {shard}, but {where}")
+                    raise InvalidCheckpoint(f"{storage.describe(INDEX_FILE)}: maps tensor {name!r} to {shard}, but "
+                                            f"{where}")
             extra = sorted(set(seen) - set(weight_map))
             if extra:
-                raise InvalidCheckpoint(f"{storage.describe(seen[extra[0]])}: tensor {extra[0]!r} is not in {INDEX_FILE}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+                raise InvalidCheckpoint(f"{storage.describe(seen[extra[0]])}: tensor {extra[0]!r} is not in "
+                                        f"{INDEX_FILE}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
         config = None
         if "config.json" in top:
@@ -144,9 +150,11 @@ class Checkpoint:
             try:
                 key = clean_key(shard)
             except StorageError:
-                raise InvalidCheckpoint(f"{label}: weight_map names {shard!r}, a path outside the model folder; refused") from None
+                raise InvalidCheckpoint(f"{label}: weight_map names {shard!r}, a path outside the model folder; "
+                                        "refused") from None
             if "/" in key:
-                raise InvalidCheckpoint(f"{label}: weight_map names {shard!r}; shards must sit in the model folder itself")
+                raise InvalidCheckpoint(f"{label}: weight_map names {shard!r}; shards must sit in the model folder "
+                                        "itself")
             if not key.endswith(".safetensors"):
                 raise InvalidCheckpoint(f"{label}: weight_map names {shard!r}, not a .safetensors file")
         return weight_map

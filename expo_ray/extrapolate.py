@@ -17,6 +17,7 @@ from .destination import check_destination
 from .errors import ExpoError
 from .identity import variant_fingerprint
 from .manifest import read_manifest
+from .options import WriteOptions
 from .plan import Plan, variant_name
 from .ray_runtime import ProgressBar, ensure_ray, task_options
 from .safetensors_io import read_header
@@ -25,7 +26,6 @@ from .storage import Storage, open_storage
 
 log = logging.getLogger("expo_ray")
 
-DEFAULT_CHUNK_MIB = 256
 # Memory Ray reserves per task beyond the chunk and upload buffers (interpreter, libraries).
 TASK_BASE_MEMORY = 512 * 1024 * 1024
 TASK_MAX_RETRIES = 3
@@ -46,10 +46,10 @@ def _shard_task(job: ShardJob, tracker):
     return run_piece(job, progress) if job.file_range else run_shard(job, progress)
 
 
-def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, address: str | None = None,
-             show_progress: bool = True, sha256: bool = False) -> ExtrapolationResult:
+def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), address: str | None = None,
+             show_progress: bool = True) -> ExtrapolationResult:
     """Write every variant of `plan` under `out_uri`, skipping work already done. Every file is
-    recorded with its BLAKE3 hash, and also its sha256 (as Hub LFS pointers hold) if `sha256`."""
+    recorded with its BLAKE3 hash, and also its sha256 (as Hub LFS pointers hold) if `write.sha256`."""
     began = time.perf_counter()
     out = check_destination(out_uri, {"sft": plan.sft_uri, "aligned": plan.aligned_uri})
     result = ExtrapolationResult(out.uri)
@@ -76,13 +76,13 @@ def run_plan(plan: Plan, out_uri: str, *, chunk_mib: float = DEFAULT_CHUNK_MIB, 
         log.info("removed %d incomplete upload(s)/file(s) left by an interrupted run", cleaned)
 
     ray = ensure_ray(address)
-    chunk_bytes = int(chunk_mib * 1024 * 1024)
+    chunk_bytes = int(write.chunk_mib * 1024 * 1024)
     memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
     from .capacity import cluster_capacity  # a task no node can hold would wait forever: refuse now
 
-    cluster_capacity(ray).check({"CPU": 1, "memory": memory}, f"an extrapolation task (--chunk-mib {chunk_mib:g})")
+    cluster_capacity(ray).check({"CPU": 1, "memory": memory}, f"an extrapolation task (--chunk-mib {write.chunk_mib:g})")
     aligned_store = open_storage(plan.aligned_uri)
-    hashes = hashing.algorithms(sha256)
+    hashes = hashing.algorithms(write.sha256)
     jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,
                      _shard_metadata(aligned_store, shard.key), chunk_bytes, plan.options.allow_nonfinite, hashes)
             for shard in plan.shards]

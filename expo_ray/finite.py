@@ -54,7 +54,8 @@ def check_chunk(tensor: str, dtype: str, aligned, sft, alphas: list[float], labe
     `outputs` (one per alpha) may be None when nothing was computed."""
     if dtype not in LARGEST:
         return
-    extent = {"aligned": largest_magnitude(aligned, dtype), "sft": 0.0 if sft is None else largest_magnitude(sft, dtype)}
+    extent = {"aligned": largest_magnitude(aligned, dtype),
+              "sft": 0.0 if sft is None else largest_magnitude(sft, dtype)}
     for role, value in extent.items():
         if not math.isfinite(value) and not allow_nonfinite:
             raise ExpoError(f"tensor {tensor} ({dtype}) of the {role} model holds NaN or Inf values; refused "
@@ -76,4 +77,5 @@ def check_chunk(tensor: str, dtype: str, aligned, sft, alphas: list[float], labe
             if not bad.any():
                 continue
         raise ExpoError(f"tensor {tensor} ({dtype}): alpha {label} overflows, turning finite weights into Inf "
-                        f"({int(bad.sum())} value(s) in one chunk exceed the range of {dtype}); use a smaller alpha or scale")
+                        f"({int(bad.sum())} value(s) in one chunk exceed the range of {dtype}); use a smaller alpha or "
+                        "scale")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from .checkpoint import Checkpoint
 
 if TYPE_CHECKING:
+    from .options import PlanOptions
     from .plan import Plan
 
 SEEDING = "seed-per-prompt"  # part of every generation key: how sampling seeds are drawn
@@ -107,7 +108,10 @@ def reward_key(generation: str, reward_identity: str) -> str:
     return _sha256([generation, reward_identity])
 
 
-def pair_id(sft: str, aligned: str, scale, layer_scales, exclude, copy_unmatched: bool, allow_added_rows: bool) -> str:
+def pair_id(sft: str, aligned: str, plan: PlanOptions) -> str:
     """A sweep pair's id, from its inputs and settings (not from its name)."""
-    ident = json.dumps([sft, aligned, list(scale), layer_scales, list(exclude), copy_unmatched, allow_added_rows])
-    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+    parts = [sft, aligned, list(plan.scales), plan.layer_scales, list(plan.exclude), plan.copy_unmatched,
+             plan.allow_added_rows]
+    if plan.allow_nonfinite:  # absent when off: ids of pairs made before the option stay the same
+        parts.append({"allow_nonfinite": True})
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]

@@ -62,8 +62,10 @@ def shard_sums(shard: ShardPlan, sft_uri: str, aligned_uri: str) -> dict[str, tu
             d2 = b2 = 0.0
             for start in range(0, n, step):
                 count = min(step, n - start)
-                a = decode_floats(a_reader.read(t.aligned.info.start + start * itemsize, count * itemsize), t.dtype).astype(np.float64)
-                s = decode_floats(s_reader.read(t.sft.info.start + start * itemsize, count * itemsize), t.dtype).astype(np.float64)
+                a_bytes = a_reader.read(t.aligned.info.start + start * itemsize, count * itemsize)
+                s_bytes = s_reader.read(t.sft.info.start + start * itemsize, count * itemsize)
+                a = decode_floats(a_bytes, t.dtype).astype(np.float64)
+                s = decode_floats(s_bytes, t.dtype).astype(np.float64)
                 diff = a - s
                 d2 += float(np.dot(diff, diff))
                 b2 += float(np.dot(s, s))
@@ -115,5 +117,6 @@ def lineage_warnings(groups: list[GroupChange], overall: GroupChange) -> list[st
     else:
         worst = max(groups, key=lambda g: g.relative)
         if worst.relative > 1.0:
-            warnings.append(f"{worst.group} changed by {worst.relative:.3f} (relative): this part looks re-initialised, not fine-tuned")
+            warnings.append(f"{worst.group} changed by {worst.relative:.3f} (relative): this part looks "
+                            "re-initialised, not fine-tuned")
     return warnings

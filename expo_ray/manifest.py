@@ -29,7 +29,8 @@ def _content_problem(variant: Storage, key: str, record: dict) -> str | None:
     """Why a file's content does not match its record (every digest it holds), or None."""
     names = hashing.recorded(record)
     if not names:
-        return f"{variant.describe(MANIFEST_FILE)}: the entry for {key} records no content hash ({', '.join(hashing.ALGORITHMS)})"
+        return (f"{variant.describe(MANIFEST_FILE)}: the entry for {key} records no content hash "
+                f"({', '.join(hashing.ALGORITHMS)})")
     _, digests = hashing.digest_file(variant, key, names)
     for name in hashing.mismatches(record, digests):
         return (f"{variant.describe(key)}: {name} {digests[name][:16]}... differs from the manifest's "
@@ -52,7 +53,8 @@ def read_manifest(variant: Storage) -> dict | None:
         raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: not valid JSON ({exc})") from None
     except RecursionError:
         raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: JSON nested too deeply") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), list):
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or not isinstance(manifest.get("files"), list)):
         raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: not an expo-ray variant manifest")
     if not manifest["files"]:
         raise ExpoError(f"{variant.describe(MANIFEST_FILE)}: lists no files; a variant has at least its shards")
@@ -96,7 +98,8 @@ def verify_variant(variant: Storage, deep: bool = True) -> VerifyResult:
         result.problems.append(str(exc))
         return result
     if manifest is None:
-        result.problems.append(f"{variant.describe(MANIFEST_FILE)}: missing; the variant was never committed (incomplete or still being written)")
+        result.problems.append(f"{variant.describe(MANIFEST_FILE)}: missing; the variant was never committed "
+                               "(incomplete or still being written)")
         return result
     for record in manifest["files"]:
         key = record.get("path")
@@ -133,13 +136,16 @@ def verify_variant(variant: Storage, deep: bool = True) -> VerifyResult:
             index = json.loads(variant.read_bytes(INDEX_FILE, limit=64 * 1024 * 1024))
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
-                result.problems.append(f"{variant.describe(INDEX_FILE)}: weight_map is not a mapping of tensor names to shards")
+                result.problems.append(f"{variant.describe(INDEX_FILE)}: weight_map is not a mapping of tensor names "
+                                       "to shards")
                 weight_map = {}
             for shard in {s for s in weight_map.values() if isinstance(s, str)}:
                 if shard not in listed:
-                    result.problems.append(f"{variant.describe(INDEX_FILE)}: names {shard}, which the manifest does not list")
+                    result.problems.append(f"{variant.describe(INDEX_FILE)}: names {shard}, which the manifest does "
+                                           "not list")
         except (ValueError, RecursionError) as exc:
-            result.problems.append(f"{variant.describe(INDEX_FILE)}: not valid JSON ({str(exc) or 'nested too deeply'})")
+            result.problems.append(f"{variant.describe(INDEX_FILE)}: not valid JSON "
+                                   f"({str(exc) or 'nested too deeply'})")
         except StorageError as exc:
             result.problems.append(str(exc))
     return result

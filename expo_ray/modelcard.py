@@ -66,9 +66,10 @@ def _rule_lines(plan: Plan) -> list[str]:
     rules = plan.rules.describe()
     lines = [f"- tensors matching `{pattern}`: alpha x {factor}" for pattern, factor in rules["scales"]]
     if rules["layer_scales"]:
-        e, m, l = rules["layer_scales"]
-        lines.append(f"- decoder layers by thirds: early x {e}, middle x {m}, late x {l}")
-    lines += [f"- tensors matching `{pattern}`: copied unchanged from the aligned model" for pattern in rules["exclude"]]
+        early, middle, late = rules["layer_scales"]
+        lines.append(f"- decoder layers by thirds: early x {early}, middle x {middle}, late x {late}")
+    lines += [f"- tensors matching `{pattern}`: copied unchanged from the aligned "
+              "model" for pattern in rules["exclude"]]
     return lines or ["- one alpha for every floating-point tensor"]
 
 
@@ -163,5 +164,6 @@ def mergekit_config(plan: Plan, alpha: float) -> str:
     if remote:
         head.append("# mergekit reads local folders and Hub ids: copy " + " and ".join(remote) + " locally first.")
     if any(t.action == EXTEND_ROWS or t.sft is None for t in tensors):
-        head.append("# Not reproducible by mergekit as is: some tensors exist (or have rows) only in the aligned model.")
+        head.append("# Not reproducible by mergekit as is: some tensors exist (or have rows) only in the aligned "
+                    "model.")
     return "\n".join(head) + "\n" + yaml.safe_dump(config, sort_keys=False)

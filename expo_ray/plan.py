@@ -9,10 +9,12 @@ import fnmatch
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 from .checkpoint import Checkpoint, TensorLocation
 from .errors import PlanError
 from .identity import sources_fingerprint
+from .options import PlanOptions
 from .safetensors_io import FLOAT_DTYPES
 
 # Config keys that decide tensor shapes and meaning; they must agree between the two models.
@@ -182,10 +184,6 @@ class ShardPlan:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    @property
-    def input_shards(self) -> set[str]:
-        return {t.sft.shard for t in self.tensors if t.sft is not None}
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -220,7 +218,8 @@ def _config_types(ckpt: Checkpoint) -> list[str]:
         if value is None and key in NULLABLE_KEYS:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            problems.append(f"{ckpt.storage.describe('config.json')}: {key} must be a non-negative integer, got {value!r}")
+            problems.append(f"{ckpt.storage.describe('config.json')}: {key} must be a non-negative integer, got "
+                            f"{value!r}")
     return problems
 
 
@@ -238,6 +237,14 @@ def _compare_configs(sft: Checkpoint, aligned: Checkpoint, options: Options) -> 
         problems.append("hint: if the aligned model added tokens (e.g. a chat template token), "
                         "--allow-added-rows extrapolates the shared rows and copies the new ones")
     return problems
+
+
+def make_plan(sft: str, aligned: str, alphas: Sequence[float], options: PlanOptions = PlanOptions()) -> Plan:
+    """Open both checkpoints (headers only), pair tensors by name and validate."""
+    rules = AlphaRules.build(list(options.scales), options.layer_scales, list(options.exclude))
+    policies = Options(copy_unmatched=options.copy_unmatched, allow_added_rows=options.allow_added_rows,
+                       allow_nonfinite=options.allow_nonfinite)
+    return build_plan(Checkpoint.open(sft), Checkpoint.open(aligned), tuple(float(a) for a in alphas), rules, policies)
 
 
 def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
@@ -281,7 +288,8 @@ def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
         by_name = {t.name: t for s in shards for t in s.tensors}
         tied = [by_name[n] for n in EMBED_NAMES + HEAD_NAMES if n in by_name]
         if len(tied) == 2 and (tied[0].scale, tied[0].action) != (tied[1].scale, tied[1].action):
-            problems.append(f"tie_word_embeddings is set but the rules treat {tied[0].name} and {tied[1].name} differently; they would become untied")
+            problems.append(f"tie_word_embeddings is set but the rules treat {tied[0].name} and {tied[1].name} "
+                            "differently; they would become untied")
 
     if problems:
         shown = problems[:MAX_LISTED]
@@ -310,7 +318,8 @@ def _plan_tensor(name, loc, other, rules, options, num_layers):
     if o.shape != info.shape:
         added = (len(o.shape) == len(info.shape) >= 1 and o.shape[1:] == info.shape[1:] and o.shape[0] < info.shape[0])
         if added and options.allow_added_rows:
-            return TensorPlan(name, info.dtype, info.shape, loc, other, EXTEND_ROWS if scale else COPY, scale, o.shape[0]), None
+            action = EXTEND_ROWS if scale else COPY
+            return TensorPlan(name, info.dtype, info.shape, loc, other, action, scale, o.shape[0]), None
         hint = " (the aligned model has extra rows: added vocabulary? --allow-added-rows handles it)" if added else ""
         return None, f"tensor {name}: shape sft={list(o.shape)} aligned={list(info.shape)}{hint}"
     return TensorPlan(name, info.dtype, info.shape, loc, other, EXTRAPOLATE if scale else COPY, scale), None

@@ -89,7 +89,8 @@ def parse_header(label: str, prefix: bytes, header_bytes: bytes, file_size: int)
     if not isinstance(raw, dict):
         raise bad("header is not a JSON object")
     metadata = raw.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
         raise bad("__metadata__ must map strings to strings")
 
     buffer_size = file_size - data_start
@@ -108,7 +109,8 @@ def parse_header(label: str, prefix: bytes, header_bytes: bytes, file_size: int)
                 or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
             raise bad(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
         if offsets[1] > buffer_size:
-            raise bad(f"tensor {name!r}: data ends at byte {data_start + offsets[1]} but the file has {file_size} bytes (truncated, or the header lies)")
+            raise bad(f"tensor {name!r}: data ends at byte {data_start + offsets[1]} but the file has {file_size} "
+                      "bytes (truncated, or the header lies)")
         if math.prod(d for d in shape if d) * ITEMSIZE[dtype] >= 2 ** 63:
             raise bad(f"tensor {name!r}: shape {shape} is too large (no loader can address it)")
         nbytes = offsets[1] - offsets[0]
@@ -125,7 +127,8 @@ def parse_header(label: str, prefix: bytes, header_bytes: bytes, file_size: int)
             raise bad(f"tensor {t.name!r} at offset {t.start - data_start} {what}")
         position = t.start + t.nbytes
     if position != file_size:
-        raise bad(f"the tensors cover {position - data_start} data bytes but the file holds {buffer_size} (truncated or trailing bytes)")
+        raise bad(f"the tensors cover {position - data_start} data bytes but the file holds {buffer_size} (truncated "
+                  "or trailing bytes)")
     return Header(label, tuple(tensors), dict(metadata), data_start, file_size)
 
 
@@ -141,9 +144,11 @@ def read_header(storage: Storage, key: str, reader: Reader | None = None) -> Hea
         prefix = reader.read(0, 8)
         (n,) = struct.unpack("<Q", prefix)
         if n > MAX_HEADER_BYTES:
-            raise InvalidCheckpoint(f"{label}: invalid safetensors file: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            raise InvalidCheckpoint(f"{label}: invalid safetensors file: header length {n} exceeds the "
+                                    f"{MAX_HEADER_BYTES}-byte limit")
         if 8 + n > size:
-            raise InvalidCheckpoint(f"{label}: invalid safetensors file: header length {n} is larger than the file ({size} bytes); truncated or not a safetensors file")
+            raise InvalidCheckpoint(f"{label}: invalid safetensors file: header length {n} is larger than the file "
+                                    f"({size} bytes); truncated or not a safetensors file")
         return parse_header(label, prefix, reader.read(8, n), size)
     finally:
         if own:

@@ -18,8 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import __version__, hashing, kernel
 from .errors import ExpoError
 from .finite import check_chunk
@@ -27,6 +25,7 @@ from .manifest import MANIFEST_FILE
 from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan, format_alpha
 from .safetensors_io import encode_header
 from .storage import Reader, Storage, Writer, open_storage
+from .theta import compute_chunk
 
 # Input chunks in flight (current + prefetched) and output buffer sets (being computed + being written).
 INPUT_BUFFERS = 2
@@ -377,21 +376,3 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
 
 def _alpha_label(alpha: float, scale: float) -> str:
     return f"{alpha!r}" + (f" (x scale {scale!r})" if scale != 1.0 else "")
-
-
-def compute_chunk(t: TensorPlan, bits, a_bytes, s_bytes, effective, count, out_sets, slot):
-    """theta for each effective alpha of `count` elements of tensor `t` (the one computation every
-    path uses: variants written to storage and weights swapped into a running engine).
-    `out_sets[slot]` holds reusable output buffers (allocated here when missing or too small)."""
-    a = np.frombuffer(a_bytes, dtype=bits)
-    n_shared = 0 if s_bytes is None else len(s_bytes) // a.itemsize
-    if out_sets[slot] is None or len(out_sets[slot][0]) < count:
-        out_sets[slot] = [np.empty(count, dtype=bits) for _ in effective]
-    outs = [o[:count] for o in out_sets[slot]]
-    if n_shared:
-        s = np.frombuffer(s_bytes, dtype=bits)
-        kernel.extrapolate_into(t.dtype, a[:n_shared], s, effective, [o[:n_shared] for o in outs])
-    for o in outs:  # rows only the aligned model has (added vocabulary) are copied
-        o[n_shared:] = a[n_shared:]
-    return outs
-

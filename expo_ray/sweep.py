@@ -11,7 +11,7 @@ Layout under the destination:
     DEST/PAIR-ID/variants/search/                           adaptive search report (pairs with mode: search)
 
 A pair with ``mode: search`` is searched on one hot-swapping engine (see
-:mod:`expo_ray.evaluate.search`); only its chosen alpha is materialized, then evaluated like a grid
+:mod:`expo_ray.search.driver`); only its chosen alpha is materialized, then evaluated like a grid
 pair's variants, so the leaderboard compares both kinds on the same footing.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .api import make_plan
 from .destination import check_destination, check_no_overlap
 from .errors import ExpoError
 from .extrapolate import run_plan
+from .plan import make_plan
 from .storage import open_storage
 from .sweep_spec import PairSpec, SweepSpec
 
@@ -50,7 +50,7 @@ def check_sweep(spec: SweepSpec) -> dict:
     plans, problems = {}, []
     for pair in spec.pairs:
         try:
-            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, **pair.plan_options)
+            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, pair.plan)
             check_no_overlap(open_storage(f"{dest}/{pair.folder}/variants"), {"sft": pair.sft, "aligned": pair.aligned})
         except ExpoError as exc:
             problems.append(f"pair {pair.name!r}: {exc}")
@@ -74,7 +74,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: boo
         plan = plans[pair.folder]
         if pair.mode == "search":
             plan = dataclasses.replace(plan, alphas=(_search_pair(spec, pair, outcome, address),))
-        result = run_plan(plan, outcome.variants_uri, chunk_mib=spec.chunk_mib, address=address,
+        result = run_plan(plan, outcome.variants_uri, write=spec.write, address=address,
                           show_progress=show_progress and len(spec.pairs) == 1)
         outcome.extrapolated = result.variants
         outcome.work_done |= any(v == "written" for v in result.variants.values())
@@ -94,42 +94,34 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, show_progress: boo
 def _search_pair(spec: SweepSpec, pair: PairSpec, outcome: PairOutcome, address: str | None) -> float:
     """The alpha an adaptive search chose for this pair (on the first prompt set); a finished
     search (its search.json) is reused."""
-    from .evaluate.prompts import load_prompts
-    from .evaluate.search import SearchSettings, search_alpha
+    from .options import SearchOptions
+    from .search.driver import search_alpha
 
     store = open_storage(outcome.variants_uri)
     if store.exists("search/search.json"):
         return float(json.loads(store.read_bytes("search/search.json"))["best"]["alpha"])
     e = spec.evaluation
-    ps = e.prompts[0]
-    prompts = load_prompts(ps.set, field=ps.field, limit=ps.limit, sample=ps.sample, seed=ps.seed)
+    prompts = e.prompts[0].load()
     # Pairs run in parallel: a search holding two engines while another waits for its second could
     # wait forever on a small cluster, so with several pairs the engines of a search take turns.
     report = search_alpha(pair.sft, pair.aligned, prompts, e.reward_model, out_uri=outcome.variants_uri,
-                          sampling=e.sampling, settings=_pair_settings(e, pair),
-                          search=SearchSettings(grid=pair.alphas, budget=pair.budget,
-                                                time_share=True if len(spec.pairs) > 1 else None), address=address,
-                          plan_options=pair.plan_options)
+                          sampling=e.sampling, engine=pair.engine(e), plan=pair.plan, address=address,
+                          search=SearchOptions(grid=pair.alphas, budget=pair.budget,
+                                               time_share=True if len(spec.pairs) > 1 else None))
     outcome.work_done = True
-    log.info("%s: search chose alpha %g after %d generations", pair.name, report["best"]["alpha"], report["generations"])
+    log.info("%s: search chose alpha %g after %d "
+             "generations", pair.name, report["best"]["alpha"], report["generations"])
     return float(report["best"]["alpha"])
-
-
-def _pair_settings(e, pair: PairSpec):
-    settings = e.engine_settings()
-    return dataclasses.replace(settings, chat_template=pair.chat_template) if pair.chat_template else settings
 
 
 def _evaluate_pair(spec: SweepSpec, outcome: PairOutcome) -> list[dict]:
     from .evaluate.pipeline import evaluate_variants
-    from .evaluate.prompts import load_prompts
 
     e = spec.evaluation
     reports = []
     for ps in e.prompts:
-        prompts = load_prompts(ps.set, field=ps.field, limit=ps.limit, sample=ps.sample, seed=ps.seed)
-        report = evaluate_variants(outcome.variants_uri, prompts, e.reward_model, sampling=e.sampling,
-                                   settings=_pair_settings(e, outcome.pair),
+        report = evaluate_variants(outcome.variants_uri, ps.load(), e.reward_model, sampling=e.sampling,
+                                   engine=outcome.pair.engine(e),
                                    include_sft=e.include_sft, title=outcome.pair.name)
         outcome.work_done |= report.get("work_done", False)
         reports.append(report)
@@ -161,10 +153,13 @@ def _write_leaderboard(store, board: dict) -> None:
              "alpha beats alpha 0 beyond its paired interval).", "",
              "| pair | prompts | best alpha | best reward | alpha=0 reward | gain | significant | report |",
              "|---|---|---|---|---|---|---|---|"]
+    def fmt(v) -> str:
+        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
     for r in board["pairs"]:
-        fmt = (lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
         significant = {None: "-", True: "yes", False: "no"}[r.get("significant_gain")]
-        lines.append(f"| {r['pair']} | {r.get('prompts', '-')} | {fmt(r.get('best_alpha'))} | {fmt(r.get('best_reward'))} | "
+        lines.append(f"| {r['pair']} | {r.get('prompts', '-')} | {fmt(r.get('best_alpha'))} | "
+                     f"{fmt(r.get('best_reward'))} | "
                      f"{fmt(r.get('aligned_reward'))} | {fmt(r.get('gain'))} | {significant} | "
                      f"{r.get('report', r['variants'])} |")
     store.write_bytes("leaderboard.md", ("\n".join(lines) + "\n").encode())

@@ -17,6 +17,9 @@ Every problem names the file, the line and the key, before any work starts:
         rules: {scale: ["*.mlp.*=0.5"], layer_scales: "1,1,1.5", exclude: ["lm_head.weight"]}
         copy_unmatched: false
         allow_added_rows: false
+        allow_nonfinite: false                    # inputs may hold NaN/Inf (default: refused)
+    chunk_mib: 256                                # working memory per extrapolation task
+    sha256: false                                 # also record each file's sha256 (BLAKE3 always)
     evaluation:                                   # optional: extrapolate only without it
       prompts: [{set: ultrafeedback, limit: 200}] # set name or file URI; limit / sample / seed / field
       reward_model: hf://weqweasdas/RM-Mistral-7B
@@ -32,32 +35,36 @@ Every problem names the file, the line and the key, before any work starts:
       dtype: auto                                 # auto | bfloat16 | float16 | float32
       trust_remote_code: false
       fail_on_long_prompts: false                 # default: prompts longer than the context are skipped, counted
+      model_cache: /nvme/expo-ray-models          # local copies of remote models on each node
+      model_cache_gb: 800                         # its cap (least recently used models are evicted)
+
+Every key but the model pairs' is an option of the command line (see expo_ray.options).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
+import click
 import yaml
 
 from . import identity
 from .errors import ExpoError
+from .options import DEFAULT_ALPHAS, EngineOptions, PlanOptions, PromptOptions, SamplingOptions, WriteOptions
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "seed", "max_tokens")
-TOP_KEYS = {"destination": True, "alphas": False, "pairs": True, "evaluation": False, "chunk_mib": False}
-PAIR_KEYS = {"name": False, "sft": True, "aligned": True, "alphas": False, "rules": False,
-             "copy_unmatched": False, "allow_added_rows": False, "mode": False, "budget": False,
-             "chat_template": False}
+TOP_KEYS = {"destination": True, "alphas": False, "pairs": True, "evaluation": False,
+            **{k: False for k in WriteOptions.spec_keys()}}
+PAIR_KEYS = {"name": False, "sft": True, "aligned": True, "alphas": False, "rules": False, "mode": False,
+             "budget": False, "chat_template": False, **{k: False for k in PlanOptions.spec_keys()}}
 MODES = ("grid", "search")
 RULE_KEYS = {"scale": False, "layer_scales": False, "exclude": False}
-EVAL_KEYS = {"prompts": True, "reward_model": True, "tp": False, "reward_tp": False, "include_sft": False,
-             "sampling": False, "device": False, "max_engines": False, "swap": False, "max_model_len": False,
-             "dtype": False, "trust_remote_code": False, "fail_on_long_prompts": False}
+EVAL_KEYS = {"prompts": True, "reward_model": True, "include_sft": False, "sampling": False,
+             **{k: False for k in EngineOptions.spec_keys()}}
 DEVICES = {"gpu": True, "cpu": False}
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-PROMPT_KEYS = {"set": True, "limit": False, "sample": False, "seed": False, "field": False}
+PROMPT_KEYS = {k: k == "set" for k in PromptOptions.spec_keys()}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -66,38 +73,12 @@ class SpecError(ExpoError):
 
 
 @dataclass(frozen=True)
-class PromptSpec:
-    set: str
-    limit: int | None = None
-    sample: int | None = None
-    seed: int = 0
-    field: str | None = None
-
-
-@dataclass(frozen=True)
 class EvalSpec:
-    prompts: tuple[PromptSpec, ...]
+    prompts: tuple[PromptOptions, ...]
     reward_model: str
-    tp: int = 1
-    reward_tp: int = 1
     include_sft: bool = False
-    sampling: dict = field(default_factory=dict)
-    use_gpu: bool | None = None
-    max_engines: int | None = None
-    swap: bool | None = None
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    fail_on_long_prompts: bool = False
-
-    def engine_settings(self):
-        """The engine options of this evaluation, as ``expo-ray evaluate`` takes them."""
-        from .evaluate.pipeline import EngineSettings
-
-        return EngineSettings(tp=self.tp, reward_tp=self.reward_tp, use_gpu=self.use_gpu,
-                              max_model_len=self.max_model_len, trust_remote_code=self.trust_remote_code,
-                              max_engines=self.max_engines, dtype=self.dtype, swap=self.swap,
-                              long_prompts="error" if self.fail_on_long_prompts else "skip")
+    sampling: SamplingOptions = SamplingOptions()
+    engine: EngineOptions = EngineOptions()
 
 
 @dataclass(frozen=True)
@@ -106,30 +87,25 @@ class PairSpec:
     sft: str
     aligned: str
     alphas: tuple[float, ...]
-    scale: tuple[str, ...] = ()
-    layer_scales: str | None = None
-    exclude: tuple[str, ...] = ()
-    copy_unmatched: bool = False
-    allow_added_rows: bool = False
+    plan: PlanOptions = PlanOptions()
     mode: str = "grid"
     budget: int | None = None
     chat_template: str | None = None   # Jinja text, for models whose tokenizer has no chat template
 
     @property
-    def plan_options(self) -> dict:
-        """The pair's alpha rules and policies, as :func:`expo_ray.api.make_plan` takes them."""
-        return dict(scales=self.scale, layer_scales=self.layer_scales, exclude=self.exclude,
-                    copy_unmatched=self.copy_unmatched, allow_added_rows=self.allow_added_rows)
-
-    @property
     def pair_id(self) -> str:
         """Deterministic id from the inputs and settings (not from the name)."""
-        return identity.pair_id(self.sft, self.aligned, self.scale, self.layer_scales, self.exclude,
-                                self.copy_unmatched, self.allow_added_rows)
+        return identity.pair_id(self.sft, self.aligned, self.plan)
 
     @property
     def folder(self) -> str:
         return f"{self.name}-{self.pair_id}"
+
+    def engine(self, evaluation: EvalSpec) -> EngineOptions:
+        """The evaluation's engine options, with this pair's chat template."""
+        if self.chat_template is None:
+            return evaluation.engine
+        return dataclasses.replace(evaluation.engine, chat_template=self.chat_template)
 
 
 @dataclass(frozen=True)
@@ -138,10 +114,10 @@ class SweepSpec:
     destination: str
     pairs: tuple[PairSpec, ...]
     evaluation: EvalSpec | None
-    chunk_mib: float = 256
+    write: WriteOptions = WriteOptions()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return dataclasses.asdict(self)
 
 
 class _Loader(yaml.SafeLoader):
@@ -215,7 +191,8 @@ class _Checker:
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
                 self.fail(where, f"{what}.{key}", f"{a!r} is not a finite number")
             elif a < 0:
-                self.fail(where, f"{what}.{key}", f"{a} is negative (extrapolation uses alpha >= 0; alpha 0 is the aligned model)")
+                self.fail(where, f"{what}.{key}", f"{a} is negative (extrapolation uses alpha >= 0; alpha 0 is the "
+                                                  "aligned model)")
             else:
                 out.append(float(a))
         if len(set(out)) != len(out):
@@ -240,12 +217,54 @@ class _Checker:
             return default
         return value
 
+    def options(self, cls, mapping, what: str) -> dict:
+        """The fields of the options class ``cls`` that ``mapping`` sets (by their spec keys), checked."""
+        values = {}
+        for key, f in cls.spec_keys().items():
+            if key in mapping:
+                problem = _option_problem(f, mapping[key])
+                if problem:
+                    self.fail(self.at(mapping, key), f"{what}.{key}", problem)
+                else:
+                    values[f.name] = DEVICES[mapping[key]] if key == "device" else mapping[key]
+        return values
+
+    def build(self, cls, values: dict, mapping, what: str):
+        """``cls(**values)``, or its defaults with the problem recorded when it refuses them."""
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            self.fail(self.at(mapping), what, str(exc))
+            return cls()
+
     def boolean(self, mapping, key, what) -> bool:
         value = mapping.get(key, False)
         if not isinstance(value, bool):
             self.fail(self.at(mapping, key), f"{what}.{key}", "must be true or false")
             return False
         return value
+
+
+def _option_problem(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with ``value`` for the options field ``f`` (None: nothing), from its flag."""
+    kind, decls = f.metadata["click"].get("type"), f.metadata["decls"]
+    if f.metadata["spec"] == "device":
+        return None if value in DEVICES else f"{value!r}: use gpu or cpu"
+    if f.metadata["click"].get("is_flag") or any("/" in d for d in decls):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(kind, click.Choice):
+        return None if value in kind.choices else f"{value!r}: use one of {', '.join(kind.choices)}"
+    if isinstance(kind, click.IntRange) or kind is int:
+        low = kind.min if isinstance(kind, click.IntRange) else 0
+        ok = not isinstance(value, bool) and isinstance(value, int) and value >= low
+        return None if ok else f"must be an integer >= {low}"
+    if isinstance(kind, click.FloatRange) or kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            return "must be a non-negative number"
+        if isinstance(kind, click.FloatRange) and (value <= kind.min or (kind.max is not None and value > kind.max)):
+            return f"must be a number above {kind.min:g}" + (f", at most {kind.max:g}" if kind.max is not None else "")
+        return None
+    return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
 
 
 def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
@@ -261,11 +280,8 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
     if not c.keys(raw, TOP_KEYS, "spec"):
         raise SpecError("\n".join(c.problems))
     destination = c.string(raw, "destination", "spec")
-    default_alphas = c.alphas(raw, "alphas", "spec") if "alphas" in raw else (0.1, 0.2, 0.3, 0.4, 0.5)
-    chunk = raw.get("chunk_mib", 256)
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, float)) or not 0 < chunk <= 65536:
-        c.fail(c.at(raw, "chunk_mib"), "spec.chunk_mib", "must be a positive number of MiB, at most 65536")
-        chunk = 256
+    default_alphas = c.alphas(raw, "alphas", "spec") if "alphas" in raw else DEFAULT_ALPHAS
+    write = WriteOptions(**c.options(WriteOptions, raw, "spec"))
     pairs = []
     raw_pairs = raw.get("pairs")
     if not isinstance(raw_pairs, list) or not raw_pairs:
@@ -299,12 +315,12 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
         budget = c.integer(p, "budget", what, None)
         if "budget" in p and mode != "search":
             c.fail(c.at(p, "budget"), f"{what}.budget", "only applies with mode: search")
+        plan = PlanOptions(scales=tuple(scale) if isinstance(scale, list) else (),
+                           layer_scales=layer_scales if isinstance(layer_scales, str) else None,
+                           exclude=tuple(exclude) if isinstance(exclude, list) else (),
+                           **c.options(PlanOptions, p, what))
         if sft and aligned:
-            pairs.append(PairSpec(name, sft, aligned, alphas, tuple(scale) if isinstance(scale, list) else (),
-                                  layer_scales if isinstance(layer_scales, str) else None,
-                                  tuple(exclude) if isinstance(exclude, list) else (),
-                                  c.boolean(p, "copy_unmatched", what), c.boolean(p, "allow_added_rows", what),
-                                  mode if mode in MODES else "grid", budget,
+            pairs.append(PairSpec(name, sft, aligned, alphas, plan, mode if mode in MODES else "grid", budget,
                                   c.string(p, "chat_template", what, required=False)))
     evaluation = None
     if raw.get("evaluation") is not None:
@@ -320,40 +336,25 @@ def parse_spec(text: str, path: str = "<spec>") -> SweepSpec:
             for j, ps in enumerate(raw_prompts):
                 what = f"evaluation.prompts[{j}]"
                 if isinstance(ps, str):
-                    prompts.append(PromptSpec(ps))
+                    prompts.append(PromptOptions(ps))
                 elif c.keys(ps, PROMPT_KEYS, what):
-                    prompts.append(PromptSpec(c.string(ps, "set", what) or "", c.integer(ps, "limit", what, None),
-                                              c.integer(ps, "sample", what, None), c.integer(ps, "seed", what, 0, 0),
-                                              c.string(ps, "field", what, required=False)))
+                    prompts.append(PromptOptions(**{"set": "", **c.options(PromptOptions, ps, what)}))
             sampling = e.get("sampling") or {}
-            if c.keys(sampling, {k: False for k in SAMPLING_KEYS}, "evaluation.sampling"):
-                for k, v in sampling.items():
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                        c.fail(c.at(sampling, k), f"evaluation.sampling.{k}", "must be a non-negative number")
-            device = e.get("device")
-            if device is not None and device not in DEVICES:
-                c.fail(c.at(e, "device"), "evaluation.device", f"{device!r}: use gpu or cpu")
-            dtype = e.get("dtype", "auto")
-            if dtype not in DTYPES:
-                c.fail(c.at(e, "dtype"), "evaluation.dtype", f"{dtype!r}: use one of {', '.join(DTYPES)}")
-            swap = e.get("swap")
-            if swap is not None and not isinstance(swap, bool):
-                c.fail(c.at(e, "swap"), "evaluation.swap", "must be true or false")
+            values = (c.options(SamplingOptions, sampling, "evaluation.sampling")
+                      if c.keys(sampling, {k: False for k in SamplingOptions.spec_keys()}, "evaluation.sampling")
+                      else {})
             evaluation = EvalSpec(tuple(prompts), c.string(e, "reward_model", "evaluation") or "",
-                                  c.integer(e, "tp", "evaluation", 1), c.integer(e, "reward_tp", "evaluation", 1),
-                                  c.boolean(e, "include_sft", "evaluation"), dict(sampling) if isinstance(sampling, dict) else {},
-                                  DEVICES.get(device), c.integer(e, "max_engines", "evaluation", None),
-                                  swap if isinstance(swap, bool) else None,
-                                  c.integer(e, "max_model_len", "evaluation", None, minimum=16),
-                                  dtype if dtype in DTYPES else "auto", c.boolean(e, "trust_remote_code", "evaluation"),
-                                  c.boolean(e, "fail_on_long_prompts", "evaluation"))
+                                  c.boolean(e, "include_sft", "evaluation"),
+                                  c.build(SamplingOptions, values, sampling, "evaluation.sampling"),
+                                  EngineOptions(**c.options(EngineOptions, e, "evaluation")))
     if evaluation is None:
         for i, p in enumerate(raw_pairs):
             if isinstance(p, dict) and p.get("mode") == "search":
-                c.fail(c.at(p, "mode"), f"pairs[{i}].mode", "search needs an evaluation section (prompts, reward model)")
+                c.fail(c.at(p, "mode"), f"pairs[{i}].mode", "search needs an evaluation section (prompts, reward "
+                                                            "model)")
     if c.problems:
         raise SpecError(f"{path}: invalid sweep spec:\n  " + "\n  ".join(c.problems))
-    return SweepSpec(path, destination, tuple(pairs), evaluation, float(chunk))
+    return SweepSpec(path, destination, tuple(pairs), evaluation, write)
 
 
 def load_spec(path: str) -> SweepSpec:

@@ -47,7 +47,7 @@ def ray_local(s3_server):
 @pytest.fixture(scope="session")
 def pair_factory(tmp_path_factory):
     """Builds (and caches per argument set) a tiny SFT/aligned pair sharded differently."""
-    from expo_ray.demo.tiny import build_tiny_pair
+    from helpers import build_pair
 
     cache = {}
 
@@ -55,7 +55,7 @@ def pair_factory(tmp_path_factory):
         key = tuple(sorted(kwargs.items()))
         if key not in cache:
             root = tmp_path_factory.mktemp("pair")
-            cache[key] = build_tiny_pair(root, **kwargs)
+            cache[key] = build_pair(root, **kwargs)
         return cache[key]
 
     return make
@@ -64,46 +64,6 @@ def pair_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bf16_pair(pair_factory):
     return pair_factory(dtype="bfloat16")
-
-
-def upload_folder(client, folder, bucket: str, prefix: str) -> str:
-    """Copy a local folder to s3://bucket/prefix; returns the URI."""
-    from pathlib import Path
-
-    try:
-        client.create_bucket(Bucket=bucket)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    except Exception as exc:  # noqa: BLE001 - SeaweedFS answers BucketAlreadyExists
-        if "BucketAlreadyExists" not in str(exc):
-            raise
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
-    return f"s3://{bucket}/{prefix}"
-
-
-def make_bucket(client, bucket: str) -> None:
-    try:
-        client.create_bucket(Bucket=bucket)
-    except Exception as exc:  # noqa: BLE001
-        if "BucketAlready" not in str(exc):
-            raise
-
-
-def assert_greedy_under_transformers(hf_model, prompt_ids, generated, what: str = "", tol: float = 1e-3) -> None:
-    """Every generated token is (within ``tol`` of) the argmax of transformers' logits for the
-    same token ids: teacher-forced, so one near-tie cannot derail the rest of the check."""
-    import torch
-
-    ids = torch.tensor([list(prompt_ids) + list(generated)])
-    with torch.no_grad():
-        logits = hf_model(ids).logits[0]
-    for j, token in enumerate(generated):
-        row = logits[len(prompt_ids) + j - 1]
-        assert row[token] >= row.max() - tol, (
-            f"{what + ': ' if what else ''}token {j} ({token}) has logit {row[token]:.6f}, "
-            f"max {row.max():.6f} at {int(row.argmax())}")
 
 
 # The simulated autoscaling cluster: a head that takes no work, two CPU workers for shard tasks and

@@ -40,7 +40,8 @@ class HubServer:
         files = {}
         for path in sorted(folder.rglob("*")):
             if path.is_file():
-                files[path.relative_to(folder).as_posix()] = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+                files[path.relative_to(folder).as_posix()] = (path.stat().st_size,
+                                                              hashlib.sha256(path.read_bytes()).hexdigest())
         commit = hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()
         self.repos[repo] = (commit, folder, files)
         return commit

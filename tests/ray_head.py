@@ -60,7 +60,8 @@ class RayHead:
         own = []
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if any(self.temp_dir in part or f"{self.gcs_port}" == part.rpartition(":")[2] for part in p.info["cmdline"] or []):
+                if any(self.temp_dir in part or f"{self.gcs_port}" == part.rpartition(":")[2]
+                       for part in p.info["cmdline"] or []):
                     own.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass

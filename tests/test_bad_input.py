@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import write_checkpoint
 
 from expo_ray.cli import main
-from expo_ray.demo.tiny import write_checkpoint
 from expo_ray.manifest import find_variants, verify_variant
 from expo_ray.storage import LocalStorage
 
@@ -94,7 +94,8 @@ def test_alpha_that_overflows_is_refused(ray_local, tmp_path):
               "alpha 10.0", "1e+308", "not a finite number")
 
 
-@pytest.mark.parametrize("alphas,problem", [("-0.5", "negative"), ("1e-400", "rounds to 0"), ("0.1,inf", "not a finite")])
+@pytest.mark.parametrize("alphas,problem", [("-0.5", "negative"), ("1e-400", "rounds to 0"),
+                                            ("0.1,inf", "not a finite")])
 def test_alpha_lists_follow_one_rule(bf16_pair, tmp_path, alphas, problem):
     one_error(run_cli(*extrapolate_args(*bf16_pair, tmp_path / "o", "--alpha", alphas, "--dry-run")), problem)
     help_text = run_cli("extrapolate", "--help").output
@@ -108,7 +109,8 @@ def test_empty_and_unloadable_inputs_are_refused(tmp_path):
         write_checkpoint(tmp_path / f"empty-{name}", {}, CFG, 100, always_index=False)
     (tmp_path / "empty-sft" / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
     (tmp_path / "empty-aligned" / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
-    one_error(run_cli(*extrapolate_args(tmp_path / "empty-sft", tmp_path / "empty-aligned", tmp_path / "o", "--dry-run")),
+    one_error(run_cli(*extrapolate_args(tmp_path / "empty-sft", tmp_path / "empty-aligned",
+                                        tmp_path / "o", "--dry-run")),
               "model.safetensors", "no tensors")
     header = json.dumps({"t": {"dtype": "F32", "shape": [0, 2 ** 62], "data_offsets": [0, 0]}}).encode()
     (tmp_path / "empty-aligned" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
@@ -130,7 +132,8 @@ def test_verify_needs_a_manifest_that_covers_the_folder(ray_local, bf16_pair, tm
         assert check.exit_code == 1 and problem in check.output and "Traceback" not in check.output, check.output
     (variant / "manifest.json").write_text(json.dumps(manifest))
     index = json.loads((variant / "model.safetensors.index.json").read_text())
-    (variant / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": list(index["weight_map"])}))
+    (variant / "model.safetensors.index.json").write_text(json.dumps({**index,
+                                                                      "weight_map": list(index["weight_map"])}))
     check = run_cli("verify", variant)
     assert check.exit_code == 1 and "Traceback" not in check.output and "index.json" in check.output, check.output
     (variant / "manifest.json").write_text(json.dumps({**manifest, "files": []}))
@@ -242,7 +245,8 @@ def test_odd_paths_are_one_line(bf16_pair, tmp_path):
 
 def test_destination_problems_are_named_before_ray_starts(bf16_pair, tmp_path):
     (tmp_path / "file").write_text("x")
-    for out, problem in ((tmp_path / "file" / "out", "not writable"), ("hf://org/name", "hf:// locations are read-only")):
+    for out, problem in ((tmp_path / "file" / "out", "not writable"),
+                         ("hf://org/name", "hf:// locations are read-only")):
         run = subprocess.run([EXPO, *map(str, extrapolate_args(*bf16_pair, out, "--alpha", "0.5"))],
                              capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=""))
         one_error(run, problem)

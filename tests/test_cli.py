@@ -125,7 +125,8 @@ def test_inspect_and_dry_run(bf16_pair):
     result = run_cli("inspect", "--json", str(bf16_pair[1]))
     assert result.exit_code == 0
     info = json.loads(result.output)
-    assert info["architectures"] == ["LlamaForCausalLM"] and len(info["shards"]) > 1 and info["dtypes"].keys() == {"BF16"}
+    assert (info["architectures"] == ["LlamaForCausalLM"] and len(info["shards"]) > 1
+            and info["dtypes"].keys() == {"BF16"})
     text = run_cli("inspect", "--tensors", str(bf16_pair[1])).output
     assert "model.embed_tokens.weight  BF16" in text
     dry = run_cli("extrapolate", "--sft", str(bf16_pair[0]), "--aligned", str(bf16_pair[1]), "--out", "/nonexistent/x",
@@ -134,7 +135,7 @@ def test_inspect_and_dry_run(bf16_pair):
 
 
 def test_lineage_flags_unrelated_models(ray_local, bf16_pair, tmp_path):
-    from expo_ray.demo.tiny import build_unrelated
+    from helpers import build_unrelated
 
     related = run_cli("lineage", "--json", str(bf16_pair[0]), str(bf16_pair[1]))
     report = json.loads(related.stdout)
@@ -153,7 +154,8 @@ def test_command_line_end_to_end(bf16_pair, tmp_path):
                           "--alpha", "0.25,0.5", "--out", str(out), "--sha256"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert f"{out}/alpha_0.25: written" in run.stdout and "\r" not in run.stderr  # no progress bar: stderr is no terminal
+    # no progress bar: stderr is no terminal
+    assert f"{out}/alpha_0.25: written" in run.stdout and "\r" not in run.stderr
     check = subprocess.run([EXPO, "verify", str(out)], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and check.stdout.count("ok ") == 2, check.stdout
     # --sha256: every file carries the whole-file sha256 (as Hub LFS pointers) besides BLAKE3

@@ -100,7 +100,8 @@ def test_evaluate_tp2_starts_a_gpu_node_and_runs_there(autoscaling_cluster, sett
     assert {r["label"] for r in report["results"]} == {"alpha_0.0", "alpha_0.5"}
     assert all(isinstance(r["mean_reward"], float) for r in report["results"])
     gpu_nodes = {n["node_id"] for n in autoscaling_cluster.ray_list("nodes") if n["resources_total"].get("GPU") == 2}
-    actors = [a for a in autoscaling_cluster.ray_list("actors") if a["class_name"] in ("GenerationActor", "RewardActor")]
+    actors = [a for a in autoscaling_cluster.ray_list("actors")
+              if a["class_name"] in ("GenerationActor", "RewardActor")]
     assert {a["class_name"] for a in actors} == {"GenerationActor", "RewardActor"}
     assert gpu_nodes and all(a["node_id"] in gpu_nodes for a in actors), (actors, gpu_nodes)
 

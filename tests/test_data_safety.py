@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import upload_folder
+from helpers import upload_folder
 
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.cli import main
@@ -90,10 +90,12 @@ def test_search_refuses_a_destination_over_an_input(copies, tmp_path):
 def test_sweep_check_refuses_a_destination_over_an_input(copies, tmp_path):
     sft, aligned = copies
     spec = tmp_path / "s.yaml"
-    spec.write_text(f"destination: {tmp_path}\nalphas: [0.5]\npairs:\n  - name: p\n    sft: {sft}\n    aligned: {aligned}\n")
+    spec.write_text(f"destination: {tmp_path}\nalphas: [0.5]\n"
+                    f"pairs:\n  - name: p\n    sft: {sft}\n    aligned: {aligned}\n")
     result = run_cli("sweep", "--check", str(spec))
     assert result.exit_code == 0, result.output  # the pair's variants go to DEST/p-ID/variants, beside the inputs
-    spec.write_text(f"destination: {aligned}\nalphas: [0.5]\npairs:\n  - name: p\n    sft: {sft}\n    aligned: {aligned}\n")
+    spec.write_text(f"destination: {aligned}\nalphas: [0.5]\n"
+                    f"pairs:\n  - name: p\n    sft: {sft}\n    aligned: {aligned}\n")
     one_error(run_cli("sweep", "--check", str(spec)), "lies inside the aligned model folder")
 
 
@@ -131,14 +133,16 @@ def test_every_copied_file_is_part_of_the_identity(copies, edit):
     sft, aligned = copies
     before = make_plan(str(sft), str(aligned), (0.5,)).source_fingerprint
     path = aligned / edit
-    path.write_bytes(path.read_bytes().replace(b"}", b" }", 1) if edit != "chat_template.jinja" else path.read_bytes() + b"\n")
+    path.write_bytes(path.read_bytes().replace(b"}", b" }", 1)
+                     if edit != "chat_template.jinja" else path.read_bytes() + b"\n")
     assert make_plan(str(sft), str(aligned), (0.5,)).source_fingerprint != before
 
 
 def test_rerun_after_an_input_edit_is_not_already_complete(ray_local, copies, tmp_path):
     sft, aligned = copies
     out = tmp_path / "out"
-    args = ("extrapolate", "--sft", str(sft), "--aligned", str(aligned), "--alpha", ALPHA, "--out", str(out), "--no-progress")
+    args = ("extrapolate", "--sft", str(sft), "--aligned", str(aligned), "--alpha", ALPHA,
+            "--out", str(out), "--no-progress")
     assert run_cli(*args).exit_code == 0
     committed = digest_tree(out / f"alpha_{ALPHA}")
     template = aligned / "chat_template.jinja"

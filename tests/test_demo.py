@@ -93,28 +93,29 @@ def test_demo_rerun_reuses_models_variants_and_results(demo_run):
 
 
 def test_adaptive_search_matches_the_grid_with_half_the_generations(demo_run, ray_local, tmp_path):
-    from expo_ray.evaluate.pipeline import EngineSettings, evaluate_variants
+    from expo_ray.evaluate.pipeline import evaluate_variants
     from expo_ray.evaluate.prompts import load_prompts
-    from expo_ray.evaluate.search import SearchSettings, materialize, search_alpha
+    from expo_ray.options import EngineOptions, SamplingOptions, SearchOptions
+    from expo_ray.search.driver import materialize, search_alpha
 
     workdir, _ = demo_run
     summary = json.loads((workdir / "demo-summary.json").read_text())
-    models, sampling = summary["models"], summary["sampling"]
+    models, sampling = summary["models"], SamplingOptions(**summary["sampling"])
     grid = {r["alpha"]: r for r in summary["dpo"]["dpo_small"]["results"] if r["alpha"] is not None}
     best = max(grid.values(), key=lambda r: (r["mean_reward"], -r["alpha"]))
     prompts = load_prompts(models["prompts"])
     grid_generations = len(grid) * len(prompts.prompts)
-    settings = EngineSettings(dtype="float32", max_model_len=256)
+    settings = EngineOptions(dtype="float32", max_model_len=256)
     report = search_alpha(models["sft"], models["dpo_small"], prompts, models["reward"], out_uri=str(tmp_path / "s"),
-                          sampling=sampling, settings=settings,
-                          search=SearchSettings(grid=tuple(sorted(grid)), budget=grid_generations // 2))
+                          sampling=sampling, engine=settings,
+                          search=SearchOptions(grid=tuple(sorted(grid)), budget=grid_generations // 2))
     assert report["generations"] <= grid_generations // 2
     chosen = report["best"]["alpha"]
     if chosen in grid:
         full = grid[chosen]["mean_reward"]
     else:
         materialize(models["sft"], models["dpo_small"], [chosen], str(tmp_path / "s"), show_progress=False)
-        evaluated = evaluate_variants(str(tmp_path / "s"), prompts, models["reward"], sampling=sampling, settings=settings)
+        evaluated = evaluate_variants(str(tmp_path / "s"), prompts, models["reward"], sampling=sampling, engine=settings)
         full = next(r["mean_reward"] for r in evaluated["results"] if r["alpha"] == chosen)
     assert full >= best["ci_low"], (chosen, full, best)
     assert all(p["ci_low"] <= p["mean_reward"] <= p["ci_high"] for p in report["points"])

@@ -11,12 +11,12 @@ import torch  # noqa: E402
 
 from expo_ray.api import extrapolate  # noqa: E402
 from expo_ray.errors import ExpoError  # noqa: E402
-from expo_ray.evaluate.pipeline import EngineSettings, evaluate_variants  # noqa: E402
+from expo_ray.evaluate.pipeline import evaluate_variants  # noqa: E402
 from expo_ray.evaluate.prompts import load_prompts  # noqa: E402
+from expo_ray.options import EngineOptions, SamplingOptions  # noqa: E402
 
-SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "presence_penalty": 0.1, "frequency_penalty": 0.1,
-            "seed": 42, "max_tokens": 12}
-SETTINGS = EngineSettings(dtype="float32", max_model_len=256)
+SAMPLING = SamplingOptions(max_tokens=12)  # the paper's sampling, shorter answers
+SETTINGS = EngineOptions(dtype="float32", max_model_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_generation_scoring_report_and_cache(setting):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root, reward, prompts = setting
-    report = evaluate_variants(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
+    report = evaluate_variants(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, engine=SETTINGS,
                                out_uri=str(root / "eval"), include_sft=True)
     assert sorted(report["generated"]) == ["alpha_0.0", "alpha_0.5", "alpha_2.0", "sft"]
     assert [r["label"] for r in report["results"]] == ["sft", "alpha_0.0", "alpha_0.5", "alpha_2.0"]
@@ -46,7 +46,8 @@ def test_generation_scoring_report_and_cache(setting):
     # The recommended alpha is the selection rule applied to the per-prompt rewards written out.
     from expo_ray.evaluate.selection import select_alpha
 
-    per_prompt = {a: [json.loads(line)["reward"] for line in (out / "responses" / f"alpha_{a}.jsonl").read_text().splitlines()]
+    per_prompt = {a: [json.loads(line)["reward"]
+                      for line in (out / "responses" / f"alpha_{a}.jsonl").read_text().splitlines()]
                   for a in ("0.0", "0.5", "2.0")}
     chosen = select_alpha({float(a): r for a, r in per_prompt.items()})
     saved = json.loads((out / "report.json").read_text())
@@ -71,7 +72,8 @@ def test_generation_scoring_report_and_cache(setting):
     tok = AutoTokenizer.from_pretrained(reward)
     model = AutoModelForSequenceClassification.from_pretrained(reward, torch_dtype=torch.float32)
     for r in rows[:3]:
-        ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["output"]}],
+        ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                       {"role": "assistant", "content": r["output"]}],
                                       tokenize=True, return_dict=False)
         with torch.no_grad():
             logit = model(torch.tensor([ids])).logits[0, 0].item()
@@ -80,7 +82,8 @@ def test_generation_scoring_report_and_cache(setting):
     # The same evaluation through the top-level API finds everything cached.
     import expo_ray
 
-    again = expo_ray.evaluate(str(root / "variants"), prompts, str(reward), sampling=SAMPLING, out=str(root / "eval"),
+    again = expo_ray.evaluate(str(root / "variants"), prompts, str(reward), sampling=SAMPLING.to_dict(),
+                              out=str(root / "eval"),
                               include_sft=True, dtype=SETTINGS.dtype, max_model_len=SETTINGS.max_model_len)
     assert again["generated"] == [] and again["scored"] == [] and not again["work_done"]
     assert again["results"] == report["results"]
@@ -92,13 +95,13 @@ def test_bad_inputs_are_refused_before_any_engine(setting, tmp_path):
     root, reward, prompts = setting
     with pytest.raises(ExpoError, match="sequence classifier|ForSequenceClassification"):
         model_dir = next((root / "variants").glob("alpha_0.5"))
-        evaluate_variants(str(root / "variants"), prompts, str(model_dir), sampling=SAMPLING, settings=SETTINGS,
+        evaluate_variants(str(root / "variants"), prompts, str(model_dir), sampling=SAMPLING, engine=SETTINGS,
                           out_uri=str(tmp_path / "e1"))
     broken = tmp_path / "variants"
     shutil.copytree(root / "variants", broken)
     (broken / "alpha_2.0" / "manifest.json").unlink()
     with pytest.raises(ExpoError, match="alpha_2.0: no manifest.json: the variant was never committed"):
-        evaluate_variants(str(broken), prompts, str(reward), sampling=SAMPLING, settings=SETTINGS,
+        evaluate_variants(str(broken), prompts, str(reward), sampling=SAMPLING, engine=SETTINGS,
                           out_uri=str(tmp_path / "e2"))
     assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
 
@@ -112,13 +115,13 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted_or_refused(sett
     long = Prompt("too-long", "Tell me about " + "the weather and " * 200)
     with_long = dataclasses.replace(prompts, prompts=prompts.prompts[:2] + (long,) + prompts.prompts[2:])
     # Same fitting prompts, sampling and models as the first test: its cached results are reused.
-    report = evaluate_variants(str(root / "variants"), with_long, str(reward), sampling=SAMPLING, settings=SETTINGS,
+    report = evaluate_variants(str(root / "variants"), with_long, str(reward), sampling=SAMPLING, engine=SETTINGS,
                                out_uri=str(root / "eval"), include_sft=True)
     assert report["skipped_prompts"] == {"count": 1, "ids": ["too-long"]} and report["n_prompts"] == 5
     rows = (root / "eval" / "responses" / "alpha_0.5.jsonl").read_text().splitlines()
     assert [json.loads(r)["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
-    strict = dataclasses.replace(SETTINGS, long_prompts="error")
+    strict = dataclasses.replace(SETTINGS, fail_on_long_prompts=True)
     with pytest.raises(ExpoError, match=r"1 of 6 prompt\(s\) .* do not fit the model's context \(first: too-long, "
                                         r"\d+ tokens, --max-model-len 256\); raise --max-model-len"):
-        evaluate_variants(str(root / "variants"), with_long, str(reward), sampling=SAMPLING, settings=strict,
+        evaluate_variants(str(root / "variants"), with_long, str(reward), sampling=SAMPLING, engine=strict,
                           out_uri=str(root / "eval"), include_sft=True)

@@ -1,11 +1,10 @@
 """End to end on a real local Ray: every output tensor equals the float64 reference rounded once."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_tensors, same_bits
 from reference import reference
-from safetensors import safe_open
 
 from expo_ray.api import extrapolate
 from expo_ray.errors import ExpoError
@@ -16,38 +15,24 @@ ALPHAS = (0.0, 0.1, 0.5, 2.0)
 SMALL_CHUNKS = 0.0625  # MiB: forces several chunks per tensor
 
 
-def load_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    return tensors
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.view(view), b.view(view))
-
-
 @pytest.mark.parametrize("dtype,tied", [("bfloat16", True), ("float16", False), ("float32", False)])
 def test_outputs_equal_reference(ray_local, pair_factory, tmp_path, dtype, tied):
     sft_dir, aligned_dir = pair_factory(dtype=dtype, tie_word_embeddings=tied)
     result = extrapolate(str(sft_dir), str(aligned_dir), ALPHAS, str(tmp_path / "out"),
                          chunk_mib=SMALL_CHUNKS, show_progress=False)
     assert set(result.variants.values()) == {"written"}
-    sft, aligned = load_all(sft_dir), load_all(aligned_dir)
+    sft, aligned = load_tensors(sft_dir), load_tensors(aligned_dir)
     for alpha in ALPHAS:
         folder = tmp_path / "out" / f"alpha_{alpha!r}"
         assert verify_variant(LocalStorage(folder)).ok
-        out = load_all(folder)
+        out = load_tensors(folder)
         assert list(out) == list(aligned)
         for name, x1 in aligned.items():
             ref = reference(x1, sft[name], alpha)
             assert same_bits(out[name], ref), (alpha, name)
         # The variant mirrors the aligned shards and carries config/tokenizer/model card/manifest.
-        assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(p.name for p in aligned_dir.glob("*.safetensors"))
+        assert (sorted(p.name for p in folder.glob("*.safetensors"))
+                == sorted(p.name for p in aligned_dir.glob("*.safetensors")))
         for f in ("config.json", "tokenizer.json", "generation_config.json", "README.md", "manifest.json",
                   "model.safetensors.index.json"):
             assert (folder / f).is_file(), f
@@ -66,11 +51,12 @@ def test_variant_loads_with_transformers_and_gives_reference_logits(ray_local, b
     extrapolate(str(sft_dir), str(aligned_dir), (0.3,), str(tmp_path), show_progress=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "alpha_0.3")
     expected = AutoModelForCausalLM.from_pretrained(aligned_dir)
-    sft, aligned = load_all(sft_dir), load_all(aligned_dir)
+    sft, aligned = load_tensors(sft_dir), load_tensors(aligned_dir)
     expected.load_state_dict({n: reference(t, sft[n], 0.3) for n, t in aligned.items()}, strict=False)
     ids = torch.tensor([[1, 7, 42, 99, 3, 5]])
     with torch.no_grad():
-        got, want, base = model(ids).logits, expected(ids).logits, AutoModelForCausalLM.from_pretrained(aligned_dir)(ids).logits
+        got, want, base = (model(ids).logits, expected(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(aligned_dir)(ids).logits)
     assert torch.equal(got, want)
     assert not torch.equal(got, base)
 
@@ -91,12 +77,19 @@ def test_rules_and_added_rows(ray_local, pair_factory, tmp_path):
     sft_dir, aligned_dir = pair_factory(dtype="bfloat16", added_vocab=4)
     extrapolate(str(sft_dir), str(aligned_dir), (0.4,), str(tmp_path), show_progress=False, chunk_mib=SMALL_CHUNKS,
                 allow_added_rows=True, layer_scales="0.5,1,2", scales=["*.mlp.*=3"], exclude=["model.norm.weight"])
-    sft, aligned = load_all(sft_dir), load_all(aligned_dir)
-    out = load_all(tmp_path / "alpha_0.4")
+    sft, aligned = load_tensors(sft_dir), load_tensors(aligned_dir)
+    out = load_tensors(tmp_path / "alpha_0.4")
     assert same_bits(out["model.norm.weight"], aligned["model.norm.weight"])
-    assert same_bits(out["model.layers.0.mlp.up_proj.weight"], reference(aligned["model.layers.0.mlp.up_proj.weight"], sft["model.layers.0.mlp.up_proj.weight"], 0.4 * 3))
-    assert same_bits(out["model.layers.0.self_attn.q_proj.weight"], reference(aligned["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"], 0.4 * 0.5))
-    assert same_bits(out["model.layers.1.self_attn.q_proj.weight"], reference(aligned["model.layers.1.self_attn.q_proj.weight"], sft["model.layers.1.self_attn.q_proj.weight"], 0.4))  # 2 layers: layer 1 is in the middle third
+    assert same_bits(out["model.layers.0.mlp.up_proj.weight"],
+                     reference(aligned["model.layers.0.mlp.up_proj.weight"], sft["model.layers.0.mlp.up_proj.weight"],
+                               0.4 * 3))
+    assert same_bits(out["model.layers.0.self_attn.q_proj.weight"],
+                     reference(aligned["model.layers.0.self_attn.q_proj.weight"],
+                               sft["model.layers.0.self_attn.q_proj.weight"], 0.4 * 0.5))
+    # 2 layers: layer 1 is in the middle third
+    assert same_bits(out["model.layers.1.self_attn.q_proj.weight"],
+                     reference(aligned["model.layers.1.self_attn.q_proj.weight"],
+                               sft["model.layers.1.self_attn.q_proj.weight"], 0.4))
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         rows = sft[name].shape[0]
         assert same_bits(out[name][:rows], reference(aligned[name][:rows], sft[name], 0.4))
@@ -106,7 +99,7 @@ def test_rules_and_added_rows(ray_local, pair_factory, tmp_path):
 
 
 def test_non_float_difference_fails_without_a_variant(ray_local, tmp_path):
-    from expo_ray.demo.tiny import write_checkpoint
+    from helpers import write_checkpoint
 
     cfg = {"architectures": ["X"], "model_type": "x"}
     w = torch.ones(4, dtype=torch.bfloat16)

@@ -11,11 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import make_bucket, upload_folder
-from test_s3 import local_files, s3_files, shards_only
+from helpers import local_files, make_bucket, s3_files, shards_only, upload_folder, write_checkpoint
 
 from expo_ray.api import extrapolate
-from expo_ray.demo.tiny import write_checkpoint
 from expo_ray.errors import ExpoError
 from expo_ray.manifest import verify_variant
 from expo_ray.storage import open_storage

@@ -24,13 +24,15 @@ from expo_ray.storage import LocalStorage
 
 EXAMPLE_TIMEOUT_S = 20
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1, "hidden_size": 4,
           "vocab_size": 4}
 NAMES = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight", "", "../x", "a" * 300]
 
 scalars = st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=12)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                                                  | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                            max_leaves=12)
 deep_text = st.integers(1, 150_000).map(lambda d: "[" * d + "]" * d)
 
@@ -71,7 +73,8 @@ def no_committed_variant(folder: Path) -> bool:
 
 
 def shard_bytes(tensors: dict[str, np.ndarray]) -> bytes:
-    header, _ = encode_header([(n, {"float32": "F32"}[str(a.dtype)], a.shape) for n, a in tensors.items()], {"format": "pt"})
+    header, _ = encode_header([(n, {"float32": "F32"}[str(a.dtype)], a.shape)
+                               for n, a in tensors.items()], {"format": "pt"})
     return header + b"".join(a.tobytes() for a in tensors.values())
 
 
@@ -131,9 +134,10 @@ def test_any_safetensors_header(scratch, header, data, length, garbage):
 # --- index files ----------------------------------------------------------------------------------
 
 index_json = (st.fixed_dictionaries({"weight_map": st.dictionaries(st.sampled_from(NAMES) | st.text(max_size=8),
-                                                                   st.sampled_from(["model.safetensors", "../model.safetensors",
-                                                                                    "sub/model.safetensors", "x.bin", "",
-                                                                                    "/etc/passwd"]) | json_values,
+                                                                   st.sampled_from(["model.safetensors",
+                                                                                    "../model.safetensors",
+                                                                                    "sub/model.safetensors", "x.bin",
+                                                                                    "", "/etc/passwd"]) | json_values,
                                                                    max_size=4) | json_values},
                                     optional={"metadata": json_values}).map(json.dumps)
               | json_values.map(json.dumps) | deep_text | st.text(max_size=30))
@@ -150,13 +154,15 @@ def test_any_index_file(pair, scratch, index):
 
 # --- config files ---------------------------------------------------------------------------------
 
-config_json = (st.dictionaries(st.sampled_from(list(CONFIG) + ["tie_word_embeddings", "head_dim", "num_key_value_heads"]),
+config_json = (st.dictionaries(st.sampled_from(list(CONFIG) + ["tie_word_embeddings", "head_dim",
+                                                               "num_key_value_heads"]),
                                json_values, max_size=6).map(lambda d: json.dumps({**CONFIG, **d}))
                | json_values.map(json.dumps) | deep_text | st.text(max_size=30))
 
 
 @FUZZ
-@given(config=config_json, flags=st.sets(st.sampled_from(["--allow-added-rows", "--copy-unmatched", "--allow-nonfinite"])))
+@given(config=config_json, flags=st.sets(st.sampled_from(["--allow-added-rows", "--copy-unmatched",
+                                                          "--allow-nonfinite"])))
 def test_any_config_file(pair, scratch, config, flags):
     root = scratch()
     aligned = root / "aligned"
@@ -219,10 +225,10 @@ def spec_documents(pair_paths):
         "name": st.sampled_from(["p", "bad name", ""]) | json_values,
         "alphas": st.lists(st.floats(allow_nan=True) | st.integers(-2, 2), max_size=3) | json_values,
         "mode": st.sampled_from(["grid", "search", "x"]), "budget": json_values,
-        "rules": st.fixed_dictionaries({}, optional={"scale": st.lists(st.sampled_from(["*=2", "*=-1", "*=1e308", "x"]),
-                                                                       max_size=2) | json_values,
-                                                     "layer_scales": st.sampled_from(["1,1,1", "1,2", "a,b,c"]) | json_values,
-                                                     "exclude": st.lists(st.text(max_size=6), max_size=2) | json_values}),
+        "rules": st.fixed_dictionaries({}, optional={
+            "scale": st.lists(st.sampled_from(["*=2", "*=-1", "*=1e308", "x"]), max_size=2) | json_values,
+            "layer_scales": st.sampled_from(["1,1,1", "1,2", "a,b,c"]) | json_values,
+            "exclude": st.lists(st.text(max_size=6), max_size=2) | json_values}),
         "copy_unmatched": json_values, "allow_added_rows": json_values})
     return st.fixed_dictionaries({}, optional={
         "destination": st.sampled_from(["DEST", aligned, "hf://org/x"]) | json_values,

@@ -48,7 +48,8 @@ def online(hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     hub.reset_counts()
     return hub
 
@@ -69,7 +70,8 @@ def test_planning_reads_headers_only(online, many_shard_pair):
         [[(t.name, t.action, t.scale) for t in s.tensors] for s in local.shards]
 
 
-def test_a_run_reads_each_input_byte_once_and_writes_what_the_local_run_writes(online, ray_local, many_shard_pair, tmp_path):
+def test_a_run_reads_each_input_byte_once_and_writes_what_the_local_run_writes(online, ray_local, many_shard_pair,
+                                                                               tmp_path):
     sft, aligned = many_shard_pair
     extrapolate(str(sft), str(aligned), ALPHAS, str(tmp_path / "local"), show_progress=False)
     online.reset_counts()
@@ -96,8 +98,9 @@ def test_a_run_reads_each_input_byte_once_and_writes_what_the_local_run_writes(o
         other = tmp_path / "hub" / alpha_dir.name
         shards = sorted(p.name for p in alpha_dir.glob("*.safetensors"))
         assert shards and shards == sorted(p.name for p in other.glob("*.safetensors"))
-        same, differ, missing = filecmp.cmpfiles(alpha_dir, other, shards + ["model.safetensors.index.json", "config.json",
-                                                                            "tokenizer.json"], shallow=False)
+        same, differ, missing = filecmp.cmpfiles(alpha_dir, other,
+                                                 shards + ["model.safetensors.index.json", "config.json",
+                                                           "tokenizer.json"], shallow=False)
         assert not differ and not missing, f"{alpha_dir.name}: {differ or missing} differ from the local-folder run"
 
 

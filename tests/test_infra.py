@@ -917,4 +917,4 @@ def test_sweep_spec_configmap_is_a_valid_sweep_spec():
 
     config_map = _the("ConfigMap", "kuberay/sweep-spec.yaml").obj
     spec = parse_spec(config_map["data"]["sweep.yaml"], "infra/kuberay/sweep-spec.yaml:sweep.yaml")
-    assert spec.pairs and spec.evaluation is not None and spec.evaluation.tp == 8
+    assert spec.pairs and spec.evaluation is not None and spec.evaluation.engine.tp == 8

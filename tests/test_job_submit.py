@@ -4,7 +4,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import make_bucket, upload_folder
+from helpers import make_bucket, upload_folder
 from ray_head import BIN, RayHead
 
 from expo_ray.manifest import verify_variant

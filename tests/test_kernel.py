@@ -163,7 +163,8 @@ def bits_of(dtype, values):
     """Raw bits of float64 values converted into dtype (plain conversions; only data generation)."""
     v = np.asarray(values, dtype=np.float64)
     if dtype == "BF16":
-        return torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
+        return (torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+                .view(np.uint16).copy())
     if dtype == "F16":
         return v.astype(np.float16).view(np.uint16)
     if dtype == "F32":

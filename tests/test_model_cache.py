@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_bucket, upload_folder
+from helpers import make_bucket, upload_folder
 
 from expo_ray.api import extrapolate
 from expo_ray.evaluate.model_cache import COMPLETE, LEASES, CacheFull, ModelCache

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import load_tensors
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
-from test_extrapolate import load_all
 
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.modelcard import MERGEKIT_FILE, mergekit_config, model_card
@@ -68,7 +68,8 @@ def test_card_loads_with_hub_metadata_and_side_files_are_copied(ray_local, align
 
 def test_card_lists_both_hub_parents_as_a_merge(bf16_pair, tmp_path):
     sft_dir, aligned_dir = bf16_pair
-    plan = dataclasses.replace(make_plan(str(sft_dir), str(aligned_dir), (0.5,)), aligned_uri=ZEPHYR, sft_uri=ZEPHYR_SFT)
+    plan = dataclasses.replace(make_plan(str(sft_dir), str(aligned_dir), (0.5,)), aligned_uri=ZEPHYR,
+                               sft_uri=ZEPHYR_SFT)
     (tmp_path / "README.md").write_text(model_card(plan, 0.5, SOURCE_CARD))
     data = ModelCard.load(tmp_path / "README.md").data.to_dict()
     assert data["base_model"] == ["HuggingFaceH4/zephyr-7b-beta", "HuggingFaceH4/mistral-7b-sft-beta"]
@@ -91,7 +92,7 @@ def _mergekit(config_text: str, out: Path) -> dict[str, torch.Tensor]:
 
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(config_text)), str(out),
               options=MergeOptions(copy_tokenizer=False))
-    return load_all(out)
+    return load_tensors(out)
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -117,13 +118,13 @@ def test_mergekit_config_reproduces_the_variant(ray_local, bf16_pair, tmp_path, 
 
         MergeConfiguration.model_validate(config)
         return
-    ours = load_all(variant)
+    ours = load_tensors(variant)
     theirs = _mergekit(config_text, tmp_path / "mergekit")
     assert sorted(theirs) == sorted(ours)
     # mergekit rounds twice (float32, then bfloat16): at most one unit in the last place apart.
     worst = {name: _ulps(ours[name], theirs[name]) for name in ours}
     assert max(worst.values()) <= 1, {k: v for k, v in worst.items() if v > 1}
     # The excluded tensor is the aligned one, in both; so is layer 1 of 2 (middle third, x0).
-    aligned = load_all(aligned_dir)
+    aligned = load_tensors(aligned_dir)
     for name in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight"):
         assert torch.equal(ours[name], aligned[name]) and torch.equal(theirs[name], aligned[name]), name

@@ -8,12 +8,13 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import make_bucket
+from helpers import make_bucket
 
 from expo_ray import hashing, kernel, pieces
 from expo_ray.api import make_plan
 from expo_ray.extrapolate import run_plan
 from expo_ray.manifest import verify_variant
+from expo_ray.options import WriteOptions
 from expo_ray.safetensors_io import encode_header
 from expo_ray.storage import LocalStorage, open_storage
 
@@ -67,9 +68,10 @@ def test_pieces_write_the_same_bytes_as_one_stream(ray_local, misaligned_pair, t
     split = pieces.split({"model.safetensors": 20 * MIB}, 2)["model.safetensors"]
     assert len(split) == 2
     caplog.set_level(logging.INFO, logger="expo_ray")
-    run_plan(plan, str(out_pieces), chunk_mib=4, show_progress=False)  # ranged: one file, two tasks
+    run_plan(plan, str(out_pieces), write=WriteOptions(chunk_mib=4), show_progress=False)  # ranged: one file, two tasks
     assert "2 output file(s) in 2 piece(s)" in caplog.text
-    run_plan(plan, str(out_stream), chunk_mib=4, show_progress=False, sha256=True)  # sha256: one stream
+    run_plan(plan, str(out_stream), write=WriteOptions(chunk_mib=4, sha256=True),
+             show_progress=False)  # sha256: one stream
     for alpha in ("0.1", "0.5"):
         a = (out_pieces / f"alpha_{alpha}" / "model.safetensors").read_bytes()
         b = (out_stream / f"alpha_{alpha}" / "model.safetensors").read_bytes()
@@ -94,8 +96,8 @@ def test_pieces_upload_parts_of_one_s3_object(ray_local, s3_client, misaligned_p
     plan = make_plan(str(sft), str(aligned), [0.3])
     make_bucket(s3_client, "pieces")
     monkeypatch.setattr(pieces, "MIN_PIECE", hashing.BLOCK)
-    run_plan(plan, "s3://pieces/run", chunk_mib=4, show_progress=False)
-    run_plan(plan, str(tmp_path), chunk_mib=4, show_progress=False)
+    run_plan(plan, "s3://pieces/run", write=WriteOptions(chunk_mib=4), show_progress=False)
+    run_plan(plan, str(tmp_path), write=WriteOptions(chunk_mib=4), show_progress=False)
     head = s3_client.head_object(Bucket="pieces", Key="run/alpha_0.3/model.safetensors", PartNumber=1)
     assert head["PartsCount"] == 2
     remote = s3_client.get_object(Bucket="pieces", Key="run/alpha_0.3/model.safetensors")["Body"].read()

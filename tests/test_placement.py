@@ -5,8 +5,8 @@ import pytest
 
 from expo_ray.capacity import Capacity, NodeType, node_types_from_config
 from expo_ray.errors import ExpoError
-from expo_ray.evaluate.placement import plan_engine
-from expo_ray.evaluate.vllm_support import installed_version, is_cpu_build, resolve_swap, swap_supported
+from expo_ray.evaluate.engine.placement import plan_engine
+from expo_ray.evaluate.engine.vllm_support import installed_version, is_cpu_build, resolve_swap, swap_supported
 
 GIB = 2**30
 # The shape of infra/aws/cluster.yaml: a head without work, CPU workers, 8-GPU workers on demand.
@@ -29,7 +29,7 @@ def test_an_engine_takes_its_gpus_on_one_node(tp):
 
 
 def test_cpu_engines_and_bad_settings():
-    assert plan_engine(2, use_gpu=False, cpus_per_rank=1).actor_options == {"num_gpus": 0, "num_cpus": 2}
+    assert plan_engine(2, use_gpu=False).actor_options == {"num_gpus": 0, "num_cpus": 2}
     with pytest.raises(ExpoError, match="tensor parallel size 3"):
         plan_engine(3, use_gpu=True)
 

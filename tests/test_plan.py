@@ -100,7 +100,8 @@ def test_every_difference_is_listed(bf16_pair, tmp_path):
     assert f"tensor {reshaped}: shape" in msg
     # --copy-unmatched takes care of the missing tensor, not of the others.
     with pytest.raises(PlanError) as exc:
-        build_plan(Checkpoint.open(str(sft)), Checkpoint.open(str(aligned)), (0.1,), options=Options(copy_unmatched=True))
+        build_plan(Checkpoint.open(str(sft)), Checkpoint.open(str(aligned)), (0.1,),
+                   options=Options(copy_unmatched=True))
     assert "only in the aligned model" not in str(exc.value)
 
 
@@ -145,8 +146,7 @@ def test_bad_folders(bf16_pair, tmp_path):
 
 def test_non_float_tensors_are_copied(tmp_path):
     import torch
-
-    from expo_ray.demo.tiny import write_checkpoint
+    from helpers import write_checkpoint
 
     cfg = {"architectures": ["X"], "model_type": "x"}
     t = {"w": torch.ones(4, dtype=torch.bfloat16), "ids": torch.arange(3)}

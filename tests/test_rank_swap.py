@@ -1,4 +1,4 @@
-"""Per-rank weight swaps (expo_ray.evaluate.weight_swap): each tensor-parallel rank reads and
+"""Per-rank weight swaps (expo_ray.evaluate.engine.weight_swap): each tensor-parallel rank reads and
 computes only the part of each tensor its layer keeps.
 
 * Parts, no vLLM: rows and columns of an extrapolated (or folder) source equal the same rows and
@@ -15,11 +15,12 @@ import time
 
 import pytest
 import torch
-from test_weight_swap import HAVE_VLLM, NO_VLLM_REASON, PROMPTS, _bits, _load_folder
+from helpers import HAVE_VLLM, NO_VLLM_REASON, PROMPTS, bits, load_tensors
 
 from expo_ray.api import extrapolate
 from expo_ray.demo.tiny import build_tiny_pair
-from expo_ray.evaluate.weight_swap import extrapolated_source, folder_source, iter_weights, rank_slices
+from expo_ray.evaluate.engine.weight_swap import extrapolated_source, folder_source, iter_weights, rank_slices
+from expo_ray.options import PlanOptions
 from expo_ray.plan import variant_name
 
 ALPHA = 2.0
@@ -46,9 +47,10 @@ def test_parts_of_a_source_are_the_variants_slices(ray_local, pair_factory, tmp_
         (dict(dtype="bfloat16", added_vocab=4), dict(allow_added_rows=True))
     sft, aligned = pair_factory(**kwargs)
     extrapolate(str(sft), str(aligned), (ALPHA,), str(tmp_path), show_progress=False, **options)
-    stored = _load_folder(tmp_path / variant_name(ALPHA))
+    stored = load_tensors(tmp_path / variant_name(ALPHA))
     total = sum(t.numel() * t.element_size() for t in stored.values())
-    for source in (extrapolated_source(str(sft), str(aligned), ALPHA, options), folder_source(str(tmp_path / variant_name(ALPHA)))):
+    for source in (extrapolated_source(str(sft), str(aligned), ALPHA, PlanOptions.from_dict(options)),
+                   folder_source(str(tmp_path / variant_name(ALPHA)))):
         read = []
         for rank in (0, 1):
             parts = _parts({n: tuple(t.shape) for n, t in stored.items()}, rank)
@@ -61,7 +63,7 @@ def test_parts_of_a_source_are_the_variants_slices(ray_local, pair_factory, tmp_
                     tensor, ref = tensor[start:end], ref[start:end]
                 elif kind == "cols":
                     tensor, ref = tensor[:, start:end], ref[:, start:end]
-                assert torch.equal(_bits(tensor), _bits(ref)), f"{case} {name} rank {rank} {kind}"
+                assert torch.equal(bits(tensor), bits(ref)), f"{case} {name} rank {rank} {kind}"
             assert stats["sliced"] == len(parts) and stats["whole"] == len(stored) - len(parts)
             read.append(stats["bytes_read"])
         inputs = 2 * total if "sft" in source else total  # an extrapolated source reads both models
@@ -74,7 +76,8 @@ def test_unknown_layer_types_are_read_whole_and_named():
     model.add_module("experts", torch.nn.Linear(4, 4))
     model.add_module("final_norm", type("RMSNorm", (torch.nn.Module,), {})())
     part_of, unknown = rank_slices(model, rank=1, size=2)
-    assert part_of("experts.weight") is None and part_of("final_norm.weight") is None and part_of("nowhere.weight") is None
+    assert (part_of("experts.weight") is None and part_of("final_norm.weight") is None
+            and part_of("nowhere.weight") is None)
     assert unknown == {"Linear"}
 
 
@@ -84,21 +87,22 @@ def test_unknown_layer_types_are_read_whole_and_named():
 
 needs_tp2 = pytest.mark.skipif(not HAVE_VLLM or len(os.sched_getaffinity(0)) < 2,
                                reason=NO_VLLM_REASON or "TP=2 needs two cores")
-ENGINE = dict(dtype="float32", max_model_len=512, tensor_parallel_size=2, swappable=True)
+TP2_ENGINE = dict(dtype="float32", max_model_len=512, tensor_parallel_size=2, swappable=True)
 
 
 @needs_tp2
 def test_tp2_swap_holds_the_fresh_engines_weights_and_gives_its_tokens(ray_local, tmp_path):
-    from expo_ray.evaluate.vllm_engine import GenerationEngine, SamplingSettings
+    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
+    from expo_ray.options import SamplingOptions
 
     sft, aligned = build_tiny_pair(tmp_path / "pair", dtype="float32", delta_scale=0.3, seed=3)
     extrapolate(str(sft), str(aligned), (ALPHA,), str(tmp_path / "variants"), show_progress=False)
     variant = tmp_path / "variants" / variant_name(ALPHA)
-    greedy = SamplingSettings.greedy(max_tokens=24)
-    tensors = _load_folder(variant)
+    greedy = SamplingOptions.greedy(max_tokens=24)
+    tensors = load_tensors(variant)
     elements = sum(t.numel() for t in tensors.values())
 
-    with GenerationEngine(str(aligned), **ENGINE) as engine:
+    with GenerationEngine(str(aligned), **TP2_ENGINE) as engine:
         before = [g.token_ids for g in engine.generate(PROMPTS, greedy)]
         began = time.perf_counter()
         report = engine.swap_weights(extrapolated_source(str(sft), str(aligned), ALPHA))
@@ -114,7 +118,7 @@ def test_tp2_swap_holds_the_fresh_engines_weights_and_gives_its_tokens(ray_local
         assert 0.45 * 2 * elements * 4 < r["bytes_read"] < 0.6 * 2 * elements * 4, r
     assert sum(r["elements_computed"] for r in ranks) >= elements
 
-    with GenerationEngine(str(variant), **ENGINE) as fresh:
+    with GenerationEngine(str(variant), **TP2_ENGINE) as fresh:
         assert fresh.weight_digests() == swapped, "a rank's weights differ from a fresh engine's on the variant"
         assert [g.token_ids for g in fresh.generate(PROMPTS, greedy)] == tokens
         fresh.swap_weights(folder_source(str(aligned)))       # folder sources go by parts too

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import hf_cache_entry
 
 from expo_ray.errors import ExpoError
 from expo_ray.evaluate.aggregate import Scored, bootstrap_ci, recommended_alpha, summarize, win_rate
@@ -69,13 +70,16 @@ def test_report_says_when_nothing_beats_alpha_0(tmp_path):
 
 
 def test_prompt_files_and_bad_input(tmp_path):
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) for i in range(10)))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"})
+                                                for i in range(10)))
     ps = load_prompts(str(tmp_path / "p.jsonl"))
     assert len(ps.prompts) == 10 and ps.prompts[3].id == "q3" and ps.prompts[3].text == "question 3"
     assert len(load_prompts(str(tmp_path / "p.jsonl"), limit=4).prompts) == 4
     sampled = load_prompts(str(tmp_path / "p.jsonl"), sample=5, seed=7)
-    assert len(sampled.prompts) == 5 and sampled.prompts == load_prompts(str(tmp_path / "p.jsonl"), sample=5, seed=7).prompts
-    (tmp_path / "chat.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}]))
+    assert len(sampled.prompts) == 5 and sampled.prompts == load_prompts(str(tmp_path / "p.jsonl"),
+                                                                         sample=5, seed=7).prompts
+    (tmp_path / "chat.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": "x"}]}]))
     assert load_prompts(str(tmp_path / "chat.json")).prompts[0].text == "hi"
     (tmp_path / "nofield.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
     with pytest.raises(ExpoError, match="nofield.jsonl: no prompt field .*use --prompt-field"):
@@ -86,18 +90,6 @@ def test_prompt_files_and_bad_input(tmp_path):
         load_prompts(str(tmp_path / "empty.jsonl"))
 
 
-def _cached_dataset(cache, repo, files: dict) -> None:
-    """Files laid out as huggingface_hub's cache keeps a downloaded dataset."""
-    import hashlib
-
-    commit = hashlib.sha1(repo.encode()).hexdigest()
-    base = cache / f"datasets--{repo.replace('/', '--')}"
-    for name, data in files.items():
-        path = base / "snapshots" / commit / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    (base / "refs").mkdir(parents=True, exist_ok=True)
-    (base / "refs" / "main").write_text(commit)
 
 
 def test_known_prompt_sets_from_an_offline_hub_cache(tmp_path, monkeypatch):
@@ -113,8 +105,9 @@ def test_known_prompt_sets_from_an_offline_hub_cache(tmp_path, monkeypatch):
     })
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    _cached_dataset(tmp_path, "HuggingFaceH4/ultrafeedback_binarized", {"data/test_gen-00000-of-00001.parquet": buf.getvalue()})
-    _cached_dataset(tmp_path, "tatsu-lab/alpaca_eval", {"alpaca_eval.json": json.dumps(
+    hf_cache_entry(tmp_path, "HuggingFaceH4/ultrafeedback_binarized", kind="datasets",
+                   files={"data/test_gen-00000-of-00001.parquet": buf.getvalue()})
+    hf_cache_entry(tmp_path, "tatsu-lab/alpaca_eval", kind="datasets", files={"alpaca_eval.json": json.dumps(
         [{"instruction": "Explain X.", "output": "", "generator": "gpt4", "dataset": "helpful_base"}]).encode()})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,33 +1,14 @@
 """S3 in and out against a real S3-compatible server (SeaweedFS), and hf:// from an offline cache."""
-import hashlib
 import os
-import shutil
-from pathlib import Path
 
 import pytest
-from conftest import make_bucket, upload_folder
+from helpers import hf_cache_entry, local_files, make_bucket, s3_files, shards_only, upload_folder
 
 from expo_ray.api import extrapolate
 from expo_ray.errors import StorageError
 from expo_ray.manifest import verify_variant
 from expo_ray.storage import open_storage
 from expo_ray.storage.s3 import MAX_PARTS, MiB, S3Storage, part_size_for
-
-
-def local_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def s3_files(client, bucket: str, prefix: str) -> dict[str, bytes]:
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-        for o in page.get("Contents", []):
-            out[o["Key"][len(prefix) + 1:]] = client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-    return out
-
-
-def shards_only(files: dict[str, bytes]) -> dict[str, bytes]:
-    return {k: v for k, v in files.items() if k.endswith(".safetensors")}
 
 
 def test_s3_to_s3_is_byte_identical_to_local(ray_local, s3_client, bf16_pair, tmp_path):
@@ -86,34 +67,26 @@ def test_part_size_grows_to_fit_10000_parts():
 
 
 def test_clear_errors_for_missing_bucket_and_key(s3_server):
-    with pytest.raises(StorageError, match="s3://no-such-bucket/x/model.safetensors: the bucket does not exist|not found"):
+    with pytest.raises(StorageError, match="s3://no-such-bucket/x/model.safetensors: "
+                                           "the bucket does not exist|not found"):
         open_storage("s3://no-such-bucket/x").open_reader("model.safetensors")
     make_bucket(__import__("boto3").client("s3"), "emptybucket")
     with pytest.raises(StorageError, match="emptybucket/nothing/config.json: not found"):
         open_storage("s3://emptybucket/nothing").read_bytes("config.json")
 
 
-def populate_hf_cache(cache: Path, repo: str, folder: Path) -> str:
-    """The on-disk layout huggingface_hub uses, as a prior download would leave it."""
-    commit = hashlib.sha1(repo.encode()).hexdigest()
-    base = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, base / "snapshots" / commit)
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    return commit
-
-
 def test_hf_source_from_offline_cache(ray_local, bf16_pair, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
-    populate_hf_cache(cache, "tiny-org/tiny-sft", bf16_pair[0])
-    commit = populate_hf_cache(cache, "tiny-org/tiny-dpo", bf16_pair[1])
+    hf_cache_entry(cache, "tiny-org/tiny-sft", bf16_pair[0])
+    commit = hf_cache_entry(cache, "tiny-org/tiny-dpo", bf16_pair[1])
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = extrapolate("hf://tiny-org/tiny-sft", "hf://tiny-org/tiny-dpo@main", (0.3,), str(tmp_path / "hub-out"),
                          show_progress=False)
     assert result.variants == {"alpha_0.3": "written"}
     extrapolate(str(bf16_pair[0]), str(bf16_pair[1]), (0.3,), str(tmp_path / "local-out"), show_progress=False)
-    assert shards_only(local_files(tmp_path / "hub-out" / "alpha_0.3")) == shards_only(local_files(tmp_path / "local-out" / "alpha_0.3"))
+    assert (shards_only(local_files(tmp_path / "hub-out" / "alpha_0.3"))
+            == shards_only(local_files(tmp_path / "local-out" / "alpha_0.3")))
     manifest = (tmp_path / "hub-out" / "alpha_0.3" / "manifest.json").read_text()
     assert f"hf://tiny-org/tiny-dpo@{commit}" in manifest
     with pytest.raises(StorageError, match="not in the local Hugging Face cache"):

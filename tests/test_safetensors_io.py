@@ -62,7 +62,8 @@ def test_rejects_malformed(tmp_path, header, data, length, problem):
 
 
 def test_rejects_duplicate_names_and_non_json(tmp_path):
-    body = b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    body = (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+            b'"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}')
     (tmp_path / "dup.safetensors").write_bytes(struct.pack("<Q", len(body)) + body + bytes(8))
     with pytest.raises(InvalidCheckpoint, match="duplicate key"):
         read_header(LocalStorage(tmp_path), "dup.safetensors")

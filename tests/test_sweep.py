@@ -2,7 +2,7 @@
 import json
 
 from click.testing import CliRunner
-from conftest import make_bucket, upload_folder
+from helpers import delete_prefix, make_bucket, upload_folder
 
 from expo_ray.cli import main
 from expo_ray.manifest import verify_variant
@@ -25,16 +25,12 @@ pairs:
 """
 
 
-def delete_prefix(client, bucket, prefix):
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for o in page.get("Contents", []):
-            client.delete_object(Bucket=bucket, Key=o["Key"])
-
-
 def test_sweep_skips_finished_work_and_redoes_a_removed_pair(ray_local, s3_client, pair_factory, tmp_path):
     pa, pb = pair_factory(dtype="bfloat16"), pair_factory(dtype="float16", seed=5)
-    a = (upload_folder(s3_client, pa[0], "models", "sweep/a-sft"), upload_folder(s3_client, pa[1], "models", "sweep/a-dpo"))
-    b = (upload_folder(s3_client, pb[0], "models", "sweep/b-sft"), upload_folder(s3_client, pb[1], "models", "sweep/b-dpo"))
+    a = (upload_folder(s3_client, pa[0], "models", "sweep/a-sft"),
+         upload_folder(s3_client, pa[1], "models", "sweep/a-dpo"))
+    b = (upload_folder(s3_client, pb[0], "models", "sweep/b-sft"),
+         upload_folder(s3_client, pb[1], "models", "sweep/b-dpo"))
     make_bucket(s3_client, "sweeps")
     path = tmp_path / "sweep.yaml"
     path.write_text(spec_text(a, b, "s3://sweeps/nightly"))
@@ -66,7 +62,8 @@ def test_sweep_skips_finished_work_and_redoes_a_removed_pair(ray_local, s3_clien
 def test_bad_specs_fail_before_any_work(ray_local, s3_client, bf16_pair, tmp_path):
     make_bucket(s3_client, "sweeps")
     path = tmp_path / "bad.yaml"
-    path.write_text(spec_text((str(bf16_pair[0]), str(bf16_pair[1])), (str(tmp_path / "missing-sft"), str(bf16_pair[1])),
+    path.write_text(spec_text((str(bf16_pair[0]), str(bf16_pair[1])),
+                              (str(tmp_path / "missing-sft"), str(bf16_pair[1])),
                               "s3://sweeps/bad"))
     result = CliRunner().invoke(main, ["sweep", str(path)], catch_exceptions=False)
     assert result.exit_code == 1 and "pair 'tiny-b'" in result.output and "missing-sft" in result.output

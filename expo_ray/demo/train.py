@@ -207,11 +207,6 @@ def prompt_ids(tok, prompt: str) -> list[int]:
                                    add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-def reward_ids(tok, prompt: str, response: str) -> list[int]:
-    """The reward model's input: the whole two-message chat."""
-    return encode_chats(tok, [(prompt, response)])[0]
-
-
 def encode_chats(tok, items: list[tuple[str, str]]) -> list[list[int]]:
     """Reward model inputs for many (prompt, response) pairs at once."""
     chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]

@@ -69,7 +69,7 @@ def win_rate(rewards: dict[str, float], baseline: dict[str, float]) -> float | N
 
 def summarize(results: dict[str, list[Scored]], alphas: dict[str, float | None], seed: int = 0) -> list[AlphaStats]:
     """Stats per label, ordered SFT first then by alpha. `alphas` maps label -> alpha (None: SFT)."""
-    baseline_label = next((l for l, a in alphas.items() if a == 0.0), None)
+    baseline_label = next((label for label, a in alphas.items() if a == 0.0), None)
     baseline = {s.prompt_id: s.reward for s in results.get(baseline_label, [])} if baseline_label else {}
     id_sets = [{s.prompt_id for s in v} for v in results.values()]
     shared = [p for p in (s.prompt_id for s in next(iter(results.values()), [])) if all(p in ids for ids in id_sets)]
@@ -84,7 +84,8 @@ def summarize(results: dict[str, list[Scored]], alphas: dict[str, float | None],
             mean_tokens=float(np.mean([s.tokens for s in scored])) if scored else float("nan"),
             truncated_share=float(np.mean([s.finish_reason == "length" for s in scored])) if scored else float("nan"),
             win_rate_vs_aligned=(win_rate({s.prompt_id: s.reward for s in scored}, baseline)
-                                 if baseline and label != baseline_label else (0.5 if label == baseline_label else None)),
+                                 if baseline and label != baseline_label
+                                 else (0.5 if label == baseline_label else None)),
             rewards=tuple(by_prompt[p] for p in shared),
         ))
     stats = sorted(stats, key=lambda s: (s.alpha is not None, s.alpha if s.alpha is not None else 0.0))

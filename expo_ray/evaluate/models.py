@@ -28,9 +28,11 @@ class ModelRef:
 
 
 def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify: bool = False) -> list[ModelRef]:
-    """The committed variants under `variants_uri` (or the one variant it is), plus alpha 0 and optionally the SFT model."""
+    """The committed variants under `variants_uri` (or the one variant it is), plus alpha 0 and
+    optionally the SFT model."""
     root = open_storage(variants_uri)
-    folders = [""] if root.exists(MANIFEST_FILE) else [f for f in find_variants(root) if not f.startswith((".expo-ray", "eval"))]
+    folders = ([""] if root.exists(MANIFEST_FILE)
+               else [f for f in find_variants(root) if not f.startswith((".expo-ray", "eval"))])
     if not folders:
         raise ExpoError(f"{root.describe()}: no variants here (no folder with {MANIFEST_FILE})")
     refs, sources = [], set()
@@ -83,7 +85,8 @@ def local_copy(uri: str, identity: str, cache_dir: str | None = None) -> str:
         repo, revision = parse_hf_uri(uri)
         return snapshot_download(repo, revision=revision, cache_dir=hf_cache_dir(), local_files_only=offline(),
                                  allow_patterns=snapshot_patterns(uri), endpoint=endpoint())
-    return ModelCache(cache_dir).checkout(uri, identity, skip=lambda key: key.startswith(".expo-ray/") or key == ROOT_INDEX)
+    return ModelCache(cache_dir).checkout(uri, identity,
+                                          skip=lambda key: key.startswith(".expo-ray/") or key == ROOT_INDEX)
 
 
 def release_copy(path: str) -> None:

@@ -15,77 +15,32 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 
 from ..errors import ExpoError
 from ..identity import checkpoint_identity, evaluation_id, generation_key, reward_key
+from ..options import EngineOptions, SamplingOptions
 from ..plan import format_alpha
 from ..ray_runtime import ensure_ray, task_options
 from ..storage import Storage, open_storage
-from .actors import ENGINE_LOGS_ENV
 from .aggregate import Scored, summarize
+from .engine.actors import (
+    ENGINE_LOGS_ENV,
+    engine_kwargs,
+    generation_kwargs,
+    plan_for,
+    start_reward_actor,
+    stop,
+)
+from .engine.vllm_support import installed_version, resolve_swap
+from .engine.weight_swap import WeightsMismatch
 from .models import ModelRef, model_config, models_to_evaluate
 from .prompts import PromptSet
 from .report import write_report
-from .vllm_support import installed_version, resolve_swap
 
 log = logging.getLogger("expo_ray")
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    tp: int = 1
-    reward_tp: int = 1
-    use_gpu: bool | None = None     # None: GPUs, unless the installed vLLM is a CPU build
-    max_model_len: int | None = None
-    trust_remote_code: bool = False
-    max_engines: int | None = None  # generation engines in parallel (default: as many as the cluster grows to)
-    dtype: str = "auto"             # vLLM dtype of every engine
-    swap: bool | None = None        # an engine serves model after model, swapping weights in place
-                                    # (None: when the installed vLLM is a version swapping was tested with)
-    chat_template: str | None = None  # for generation models whose tokenizer has none (Jinja text)
-    long_prompts: str = "skip"      # a prompt longer than the context: "skip" (counted) or "error"
-
-
-def plan_for(ray, settings: EngineSettings, models: int = 1):
-    """The engines of one evaluation or search on the connected cluster (refuses what can never fit)."""
-    from .placement import plan_engines
-
-    return plan_engines(ray, tp=settings.tp, reward_tp=settings.reward_tp, use_gpu=settings.use_gpu,
-                        max_engines=settings.max_engines, models=models)
-
-
-def engine_kwargs(placement, settings: EngineSettings) -> dict:
-    """What every engine gets: the placement's tensor parallelism and executor, trust and dtype."""
-    kwargs = {k: v for k, v in placement.engine_kwargs().items() if v is not None}
-    return {**kwargs, "trust_remote_code": settings.trust_remote_code, "dtype": settings.dtype}
-
-
-def generation_kwargs(settings: EngineSettings) -> dict:
-    """What generation engines get beyond placement: a chat template override when there is one."""
-    return {"chat_template": settings.chat_template} if settings.chat_template else {}
-
-
-def start_reward_actor(reward_model: str, settings: EngineSettings, placement, log_uri: str | None = None):
-    """A reward actor for ``reward_model`` (a remote one is copied to its node's disk once); its
-    engine's output goes to ``log_uri`` when given."""
-    from .actors import reward_actor
-
-    return reward_actor().options(**task_options(**placement.actor_options)).remote(
-        reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None, log_uri=log_uri,
-        **engine_kwargs(placement, settings))
-
-
-def _stop(ray, actor) -> None:
-    """Shut the engine down (its processes exit), then the actor."""
-    try:
-        ray.get(actor.close.remote(), timeout=120)
-    except Exception:  # noqa: BLE001 - the actor may already be gone
-        pass
-    ray.kill(actor)
-
-
-def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSettings, plan, swap: bool, save,
+def _generate_all(ray, todo: list[ModelRef], texts, sampling, engine: EngineOptions, plan, swap: bool, save,
                   log_dir: str | None = None) -> None:
     """Up to max_engines engines; each result is saved as it arrives.
 
@@ -94,12 +49,12 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
     Without it every model gets a new engine. By default as many engines run as the cluster holds
     can grow to with swapping, one per model without (Ray queues what does not fit).
     """
-    from .actors import generation_actor
+    from .engine.actors import generation_actor
 
     placement = plan.generation
-    kwargs = dict(engine_kwargs(placement, settings), max_model_len=settings.max_model_len, swappable=swap,
-                  **generation_kwargs(settings))
-    n_engines = plan.engines if swap else max(1, min(len(todo), settings.max_engines or len(todo)))
+    kwargs = dict(engine_kwargs(placement, engine), max_model_len=engine.max_model_len, swappable=swap,
+                  **generation_kwargs(engine))
+    n_engines = plan.engines if swap else max(1, min(len(todo), engine.max_engines or len(todo)))
     queue, running, began, started = list(todo), {}, {}, []
 
     def start(m: ModelRef):
@@ -124,22 +79,22 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
                 try:
                     info = ray.get(served)
                     log.info("%s: weights swapped into the running engine in %.2f s", m.label, info["seconds"])
-                except Exception as exc:  # noqa: BLE001 - WeightsMismatch: this model needs its own engine
+                except WeightsMismatch as exc:  # this model needs its own engine
                     log.info("%s does not fit the running engine (%s); starting an engine for it",
                              m.label, str(exc).splitlines()[-1] if str(exc) else exc)
-                    _stop(ray, actor)
+                    stop(ray, actor)
                     submit(m, start(m), False)
                     continue
             generations = ray.get(done[0])
             save(m, generations)
             tokens, seconds = sum(g["tokens"] for g in generations), time.perf_counter() - began.pop(done[0])
             log.info("generated %s: %d answers, %d tokens in %.0f s (%.0f tokens/s); %d of %d models done",
-                     m.label, len(texts), tokens, seconds, tokens / max(seconds, 1e-9), len(todo) - len(queue) - len(running),
-                     len(todo))
+                     m.label, len(texts), tokens, seconds, tokens / max(seconds, 1e-9),
+                     len(todo) - len(queue) - len(running), len(todo))
             if queue and swap:
                 submit(queue.pop(0), actor, True)
             else:
-                _stop(ray, actor)
+                stop(ray, actor)
                 if queue:
                     m = queue.pop(0)
                     submit(m, start(m), False)
@@ -148,7 +103,7 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, settings: EngineSe
             ray.kill(actor)
 
 
-def _fitting_prompts(models: list[ModelRef], prompts: PromptSet, settings: EngineSettings) -> tuple[PromptSet, dict]:
+def fitting_prompts(models: list[ModelRef], prompts: PromptSet, engine: EngineOptions) -> tuple[PromptSet, dict]:
     """The prompts every model's context holds, and a record of those skipped (or ExpoError)."""
     import dataclasses
 
@@ -158,17 +113,17 @@ def _fitting_prompts(models: list[ModelRef], prompts: PromptSet, settings: Engin
     long: dict[int, int] = {}
     for m in models:
         if m.alpha is None or m.alpha == 0.0:  # variants share the aligned model's tokenizer
-            long.update(prompts_too_long(m.uri, texts, max_model_len=settings.max_model_len,
-                                         trust_remote_code=settings.trust_remote_code,
-                                         chat_template=settings.chat_template))
+            long.update(prompts_too_long(m.uri, texts, max_model_len=engine.max_model_len,
+                                         trust_remote_code=engine.trust_remote_code,
+                                         chat_template=engine.chat_template))
     if not long:
         return prompts, {"count": 0, "ids": []}
     ids = [prompts.prompts[i].id for i in sorted(long)]
     first = min(long)
     what = (f"{len(long)} of {len(texts)} prompt(s) of {prompts.source} do not fit the model's context "
             f"(first: {prompts.prompts[first].id}, {long[first]} tokens"
-            + (f", --max-model-len {settings.max_model_len})" if settings.max_model_len else ")"))
-    if settings.long_prompts == "error":
+            + (f", --max-model-len {engine.max_model_len})" if engine.max_model_len else ")"))
+    if engine.fail_on_long_prompts:
         raise ExpoError(f"{what}; raise --max-model-len, shorten them, or drop --fail-on-long-prompts")
     if len(long) == len(texts):
         raise ExpoError(f"{what}: nothing left to evaluate")
@@ -181,24 +136,26 @@ def _read_json(store: Storage, key: str):
     return json.loads(store.read_bytes(key)) if store.exists(key) else None
 
 
-def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, *, sampling: dict,
-                      settings: EngineSettings = EngineSettings(), out_uri: str | None = None,
-                      include_sft: bool = False, address: str | None = None, title: str = "") -> dict:
+def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, *,
+                      sampling: SamplingOptions = SamplingOptions(), engine: EngineOptions = EngineOptions(),
+                      out_uri: str | None = None, include_sft: bool = False, address: str | None = None,
+                      title: str = "") -> dict:
     """Evaluate every committed variant under `variants_uri`; returns the report (also written)."""
-    from .vllm_engine import SamplingSettings, check_reward_model
+    from .engine.vllm_engine import check_reward_model
 
     began = time.perf_counter()
-    sampling = asdict(SamplingSettings(**sampling))
+    engine.export_cache_settings()
+    sampling = sampling.to_dict()
     models = models_to_evaluate(variants_uri, include_sft)
-    check_reward_model(reward_model, settings.trust_remote_code, model_config(reward_model))  # before any engine starts
-    prompts, skipped = _fitting_prompts(models, prompts, settings)
+    check_reward_model(reward_model, engine.trust_remote_code, model_config(reward_model))  # before any engine starts
+    prompts, skipped = fitting_prompts(models, prompts, engine)
     reward_id = checkpoint_identity(reward_model)
     eval_id = evaluation_id(prompts.fingerprint, sampling, reward_id)
     out = open_storage(out_uri or f"{variants_uri.rstrip('/')}/eval/{prompts.name}-{eval_id}")
 
     texts = [p.text for p in prompts.prompts]
-    gen_keys = {m.label: generation_key(m.identity, prompts.fingerprint, sampling, settings.max_model_len,
-                                        settings.chat_template)
+    gen_keys = {m.label: generation_key(m.identity, prompts.fingerprint, sampling, engine.max_model_len,
+                                        engine.chat_template)
                 for m in models}
     todo = [m for m in models if not out.exists(f"cache/generations-{gen_keys[m.label]}.json")]
     log.info("evaluating %d model(s) on %d prompts (%s); %d need generation, the rest are cached",
@@ -207,18 +164,19 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     reward_keys = {m.label: reward_key(gen_keys[m.label], reward_id) for m in models}
     to_score = [m for m in models if not out.exists(f"cache/rewards-{reward_keys[m.label]}.json")]
     ray = ensure_ray(address)
-    plan = plan_for(ray, settings, len(todo))
-    swap = resolve_swap(settings.swap, installed_version()) if todo else False
+    plan = plan_for(ray, engine, len(todo))
+    swap = resolve_swap(engine.swap, installed_version()) if todo else False
     log_dir = f"{out.uri.rstrip('/')}/logs"
     if (todo or to_score) and os.environ.get(ENGINE_LOGS_ENV) != "live":
         log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", log_dir)
     if todo:
-        _generate_all(ray, todo, texts, sampling, settings, plan, swap,
-                      lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode()),
+        _generate_all(ray, todo, texts, sampling, engine, plan, swap,
+                      lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json",
+                                                      json.dumps(gens).encode()),
                       log_dir)
 
     if to_score:
-        scorer = start_reward_actor(reward_model, settings, plan.reward, f"{log_dir}/reward.log")
+        scorer = start_reward_actor(reward_model, engine, plan.reward, f"{log_dir}/reward.log")
         try:
             for i, m in enumerate(to_score, 1):
                 generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
@@ -228,7 +186,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
                 log.info("scored %s: %d answers in %.0f s; %d of %d models done", m.label, len(texts),
                          time.perf_counter() - t0, i, len(to_score))
         finally:
-            _stop(ray, scorer)
+            stop(ray, scorer)
 
     results, alphas = {}, {}
     aligned_uri = _aligned_uri(models)
@@ -244,7 +202,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     stats = summarize(results, alphas)
     context = {"title": title or variants_uri, "variants": variants_uri, "prompts": prompts.source,
                "prompt_set": prompts.name, "n_prompts": len(texts), "reward_model": reward_model,
-               "sampling": sampling, "tensor_parallel_size": settings.tp,
+               "sampling": sampling, "tensor_parallel_size": engine.tp,
                "engines": {"device": "GPU" if plan.generation.use_gpu else "CPU", "generation": plan.engines},
                "skipped_prompts": skipped,
                "models": {m.label: m.uri for m in models}, "seconds": round(time.perf_counter() - began, 1)}

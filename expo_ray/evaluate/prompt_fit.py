@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "sp
 def prompts_too_long(model_uri: str, texts: list[str], *, max_model_len: int | None, trust_remote_code: bool,
                      chat_template: str | None = None) -> dict[int, int]:
     """{index: token count} of the prompts that do not fit; empty when the context is unknown."""
-    from .vllm_engine import _load_tokenizer, _render
+    from .engine.vllm_engine import _load_tokenizer, _render
 
     with tempfile.TemporaryDirectory(prefix="expo-ray-tok-") as tmp:
         folder = model_uri if "://" not in model_uri else _copy_tokenizer(model_uri, Path(tmp))

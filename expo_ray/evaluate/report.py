@@ -45,9 +45,11 @@ def report_markdown(report: dict) -> str:
         lines.append("- sampling: " + ", ".join(f"{k}={v}" for k, v in report["sampling"].items()))
     best, sel = report["best"], report["selection"]
     lines += ["", f"**Recommended alpha: {_fmt(best['alpha'])}** (mean reward {_fmt(best['mean_reward'])}"
-              + (f", {best['gain_vs_aligned']:+.3f} vs the aligned model)" if best["gain_vs_aligned"] is not None else ")"),
+              + (f", {best['gain_vs_aligned']:+.3f} vs the aligned "
+                 "model)" if best["gain_vs_aligned"] is not None else ")"),
               "", f"Selection: {sel['statement']}.", "",
-              f"| model | alpha | n | mean reward | 95% CI | gain vs alpha=0 (paired, {100 * sel['interval_level']:.2f}% CI) "
+              "| model | alpha | n | mean reward | 95% CI | gain vs alpha=0 (paired, "
+              f"{100 * sel['interval_level']:.2f}% CI) "
               "| tied with best | mean tokens | truncated | win rate vs alpha=0 |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -95,7 +97,9 @@ def plot_png(stats: list[AlphaStats], title: str = "") -> bytes:
 
 def write_report(storage, stats: list[AlphaStats], context: dict, prefix: str = "") -> dict:
     """Write report.png, report.json and report.md under `prefix` of `storage`; returns the report."""
-    key = (lambda name: f"{prefix}/{name}" if prefix else name)
+    def key(name: str) -> str:
+        return f"{prefix}/{name}" if prefix else name
+
     storage.write_bytes(key("report.png"), plot_png(stats, context.get("title", "")))
     report = report_json(stats, dict(context, plot="report.png"))
     storage.write_bytes(key("report.json"), (json.dumps(report, indent=2) + "\n").encode())

@@ -142,7 +142,8 @@ class Storage(ABC):
         """A whole (small) object; `limit` refuses objects larger than that many bytes."""
         with self.open_reader(key) as r:
             if limit is not None and r.size > limit:
-                raise StorageError(f"{self.describe(key)}: {r.size} bytes, larger than the {limit}-byte limit for this kind of file")
+                raise StorageError(f"{self.describe(key)}: {r.size} bytes, larger than the {limit}-byte limit for this "
+                                   "kind of file")
             return r.read(0, r.size)
 
     def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> None:

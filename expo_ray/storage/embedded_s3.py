@@ -39,7 +39,8 @@ def weed_binary() -> str:
 class EmbeddedS3:
     """A SeaweedFS S3 endpoint on loopback with its own data folder and credentials."""
 
-    def __init__(self, data_dir: str | Path | None = None, access_key: str = "expo-ray", secret_key: str = "expo-ray-secret"):
+    def __init__(self, data_dir: str | Path | None = None, access_key: str = "expo-ray",
+                 secret_key: str = "expo-ray-secret"):
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="expo-s3-"))
         self.access_key, self.secret_key = access_key, secret_key
@@ -75,7 +76,8 @@ class EmbeddedS3:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ExpoError(f"the embedded S3 server exited at start (code {self.proc.returncode}); see {self.log_path}")
+                raise ExpoError(f"the embedded S3 server exited at start (code {self.proc.returncode}); see "
+                                f"{self.log_path}")
             if self._answers():
                 return self
             time.sleep(0.2)
@@ -111,7 +113,8 @@ class EmbeddedS3:
             client.create_bucket(Bucket=name)
         except Exception as exc:  # noqa: BLE001 - SeaweedFS answers BucketAlreadyExists for its own bucket
             if "BucketAlready" not in str(exc):
-                raise ExpoError(f"the embedded S3 server at {self.endpoint} cannot create bucket {name}: {exc}") from None
+                raise ExpoError(f"the embedded S3 server at {self.endpoint} cannot create bucket {name}: "
+                                f"{exc}") from None
 
     def close(self) -> None:
         self.stop()

@@ -160,7 +160,8 @@ class HubStorage(Storage):
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status in (401, 403):
-                raise StorageError(f"{label}: the Hub refused access (HTTP {status}; a gated or private model needs HF_TOKEN)") from None
+                raise StorageError(f"{label}: the Hub refused access (HTTP {status}; a gated or private model needs "
+                                   "HF_TOKEN)") from None
             raise StorageError(f"{label}: the Hub refused the request ({status or exc})") from None
         except OSError as exc:
             raise StorageError(f"{label}: cannot reach the Hub ({exc})") from None
@@ -206,7 +207,8 @@ class HubStorage(Storage):
         return [f for f in self._files if f.startswith(base)]
 
     def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> Writer:
-        raise StorageError(f"{self.describe(key)}: hf:// locations are read-only sources; write to a local path or s3://")
+        raise StorageError(f"{self.describe(key)}: hf:// locations are read-only sources; write to a local path or "
+                           "s3://")
 
     def delete(self, key: str) -> None:
         raise StorageError(f"{self.describe(key)}: hf:// locations are read-only")

@@ -48,7 +48,8 @@ class LocalReader(Reader):
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise StorageError(f"{self.label}: read of {length} bytes at offset {offset} is past the end of the file ({self.size} bytes); the file is truncated or its header lies")
+            raise StorageError(f"{self.label}: read of {length} bytes at offset {offset} is past the end of the file "
+                               f"({self.size} bytes); the file is truncated or its header lies")
         chunks = []
         while length > 0:
             data = os.pread(self._fd, length, offset)
@@ -146,7 +147,8 @@ class LocalStorage(Storage):
         try:
             self.root = Path(root).expanduser().resolve()
         except (OSError, RuntimeError, ValueError) as exc:
-            raise StorageError(f"{os.fsdecode(root)}: not a usable path ({getattr(exc, 'strerror', None) or exc})") from None
+            raise StorageError(f"{os.fsdecode(root)}: not a usable path "
+                               f"({getattr(exc, 'strerror', None) or exc})") from None
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
@@ -201,7 +203,8 @@ class LocalStorage(Storage):
 
         def refuse(exc: OSError):
             where = Path(exc.filename).relative_to(self.root).as_posix() if exc.filename else prefix
-            raise StorageError(f"{self.describe(where if where != '.' else '')}: cannot read the folder ({exc.strerror})")
+            raise StorageError(f"{self.describe(where if where != '.' else '')}: cannot read the folder "
+                               f"({exc.strerror})")
         keys = []
         for dirpath, _dirs, files in os.walk(base, onerror=refuse):
             for name in files:

@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .aggregate import bootstrap_ci
-from .selection import Selection, runner_up, select_alpha
+from ..evaluate.aggregate import bootstrap_ci
+from ..evaluate.selection import Selection, runner_up, select_alpha
 
 
 @dataclass

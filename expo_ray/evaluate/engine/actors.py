@@ -5,7 +5,7 @@ them decorated with ``ray.remote`` (done lazily, once), so importing this module
 running Ray nor vLLM. Use them like::
 
     actor = generation_actor().options(num_cpus=1).remote(path, max_model_len=4096)
-    generations = ray.get(actor.generate.remote(prompts, SamplingSettings().to_dict()))
+    generations = ray.get(actor.generate.remote(prompts, SamplingOptions().to_dict()))
 
 Inside the actor vLLM starts its engine in child processes (``spawn``; vLLM detects the Ray
 actor and passes it the cluster address). On a GPU cluster give the actor the engine's GPUs
@@ -24,10 +24,14 @@ import time
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from .models import local_copy, local_path, release_copy
-from .vllm_engine import Generation, GenerationEngine, RewardEngine, SamplingSettings, vllm_version
+from ...identity import checkpoint_identity
+from ...options import EngineOptions, PlanOptions, SamplingOptions
+from ...ray_runtime import task_options
+from ..models import local_copy, local_path, release_copy
+from .vllm_engine import Generation, GenerationEngine, RewardEngine, vllm_version
 
-__all__ = ["GenerationActor", "RewardActor", "generation_actor", "reward_actor"]
+__all__ = ["GenerationActor", "RewardActor", "engine_kwargs", "generation_actor", "generation_kwargs", "plan_for",
+           "reward_actor", "start_reward_actor", "stop"]
 
 
 ENGINE_LOGS_ENV = "EXPO_RAY_ENGINE_LOGS"  # "live": engine output stays on the console (expo-ray -v)
@@ -51,7 +55,7 @@ class EngineLog:
     def close(self) -> None:
         if self.path is None:
             return
-        from ..storage import open_storage
+        from ...storage import open_storage
 
         sys.stdout.flush(), sys.stderr.flush()
         for target, saved in zip((1, 2), self.saved):
@@ -64,12 +68,8 @@ class EngineLog:
         self.path = None
 
 
-def _sampling(sampling: SamplingSettings | dict | None) -> SamplingSettings:
-    if sampling is None:
-        return SamplingSettings()
-    if isinstance(sampling, SamplingSettings):
-        return sampling
-    return SamplingSettings(**sampling)
+def _sampling(sampling: SamplingOptions | dict | None) -> SamplingOptions:
+    return sampling if isinstance(sampling, SamplingOptions) else SamplingOptions.from_dict(sampling)
 
 
 class _EngineActor:
@@ -90,7 +90,7 @@ class _EngineActor:
 
 
 class GenerationActor(_EngineActor):
-    """One :class:`~expo_ray.evaluate.vllm_engine.GenerationEngine` for one model.
+    """One :class:`~expo_ray.evaluate.engine.vllm_engine.GenerationEngine` for one model.
 
     Arguments are those of ``GenerationEngine``. :meth:`generate` returns plain dicts (``output``,
     ``tokens``, ``finish_reason``) so the results carry no expo-ray class across Ray. With
@@ -129,12 +129,12 @@ class GenerationActor(_EngineActor):
         self.identity, self.model_path = identity, path
         return result
 
-    def serve_extrapolated(self, sft_uri: str, aligned_uri: str, alpha: float, plan_options: dict | None = None) -> dict:
+    def serve_extrapolated(self, sft_uri: str, aligned_uri: str, alpha: float, plan: dict | None = None) -> dict:
         """Swap theta(alpha) of (sft, aligned) into the running engine, computed in its workers."""
         from .weight_swap import extrapolated_source
 
         sft, aligned = (self._local_source(u) for u in (sft_uri, aligned_uri))
-        result = self.engine.swap_weights(extrapolated_source(sft, aligned, alpha, plan_options))
+        result = self.engine.swap_weights(extrapolated_source(sft, aligned, alpha, PlanOptions.from_dict(plan)))
         self.identity = None
         return result
 
@@ -145,17 +145,17 @@ class GenerationActor(_EngineActor):
             self._sources[uri] = local_path(uri)
         return self._sources[uri]
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingSettings | dict | None = None) -> list[dict]:
+    def generate(self, prompts: Sequence[str], sampling: SamplingOptions | dict | None = None) -> list[dict]:
         outs: list[Generation] = self.engine.generate(list(prompts), _sampling(sampling))
         return [{"output": g.text, "tokens": g.token_count, "finish_reason": g.finish_reason} for g in outs]
 
-    def generate_full(self, prompts: Sequence[str], sampling: SamplingSettings | dict | None = None) -> list[dict]:
+    def generate_full(self, prompts: Sequence[str], sampling: SamplingOptions | dict | None = None) -> list[dict]:
         """Like :meth:`generate`, with the generated token ids as well."""
         return [asdict(g) for g in self.engine.generate(list(prompts), _sampling(sampling))]
 
 
 class RewardActor(_EngineActor):
-    """One :class:`~expo_ray.evaluate.vllm_engine.RewardEngine`; :meth:`score` gives raw logits."""
+    """One :class:`~expo_ray.evaluate.engine.vllm_engine.RewardEngine`; :meth:`score` gives raw logits."""
 
     def __init__(self, model_path: str, identity: str | None = None, log_uri: str | None = None,
                  **engine_kwargs: Any) -> None:
@@ -188,3 +188,42 @@ def generation_actor():
 def reward_actor():
     """``ray.remote(RewardActor)``; set resources with ``.options(num_cpus=..., num_gpus=...)``."""
     return _remote_class(RewardActor)
+
+
+# Starting and stopping engines for an evaluation or a search.
+
+
+def plan_for(ray, engine: EngineOptions, models: int = 1):
+    """The engines of one evaluation or search on the connected cluster (refuses what can never fit)."""
+    from .placement import plan_engines
+
+    return plan_engines(ray, tp=engine.tp, reward_tp=engine.reward_tp, use_gpu=engine.use_gpu,
+                        max_engines=engine.max_engines, models=models)
+
+
+def engine_kwargs(placement, engine: EngineOptions) -> dict:
+    """What every engine gets: the placement's tensor parallelism and executor, trust and dtype."""
+    kwargs = {k: v for k, v in placement.engine_kwargs().items() if v is not None}
+    return {**kwargs, "trust_remote_code": engine.trust_remote_code, "dtype": engine.dtype}
+
+
+def generation_kwargs(engine: EngineOptions) -> dict:
+    """What generation engines get beyond placement: a chat template override when there is one."""
+    return {"chat_template": engine.chat_template} if engine.chat_template else {}
+
+
+def start_reward_actor(reward_model: str, engine: EngineOptions, placement, log_uri: str | None = None):
+    """A reward actor for ``reward_model`` (a remote one is copied to its node's disk once); its
+    engine's output goes to ``log_uri`` when given."""
+    return reward_actor().options(**task_options(**placement.actor_options)).remote(
+        reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None, log_uri=log_uri,
+        **engine_kwargs(placement, engine))
+
+
+def stop(ray, actor) -> None:
+    """Shut the engine down (its processes exit), then the actor."""
+    try:
+        ray.get(actor.close.remote(), timeout=120)
+    except Exception:  # noqa: BLE001 - the actor may already be gone
+        pass
+    ray.kill(actor)

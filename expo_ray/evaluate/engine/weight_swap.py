@@ -34,15 +34,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .. import kernel
-from ..checkpoint import Checkpoint
-from ..errors import ExpoError
-from ..plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, Plan
-from ..safetensors_io import read_rows, read_tensor
+from ... import theta
+from ...checkpoint import Checkpoint
+from ...errors import ExpoError
+from ...options import PlanOptions
+from ...plan import Plan, make_plan
+from ...theta import Slice
 
 log = logging.getLogger("expo_ray")
 
-WORKER_EXTENSION = "expo_ray.evaluate.weight_swap.WeightSwapExtension"
+WORKER_EXTENSION = "expo_ray.evaluate.engine.weight_swap.WeightSwapExtension"
 MAX_LISTED = 10
 
 _TORCH_DTYPES = {  # safetensors dtype code -> torch dtype name
@@ -59,10 +60,9 @@ def folder_source(path: str) -> dict:
     return {"folder": str(path)}
 
 
-def extrapolated_source(sft: str, aligned: str, alpha: float, plan_options: dict | None = None) -> dict:
-    """``plan_options`` are :func:`expo_ray.api.make_plan`'s keyword arguments (alpha rules,
-    ``copy_unmatched``, ``allow_added_rows``)."""
-    return {"sft": str(sft), "aligned": str(aligned), "alpha": float(alpha), "plan": dict(plan_options or {})}
+def extrapolated_source(sft: str, aligned: str, alpha: float, plan: PlanOptions = PlanOptions()) -> dict:
+    """theta(alpha) of (sft, aligned) with the alpha rules and policies of ``plan``."""
+    return {"sft": str(sft), "aligned": str(aligned), "alpha": float(alpha), "plan": plan.to_dict()}
 
 
 def describe_source(source: dict) -> str:
@@ -72,9 +72,7 @@ def describe_source(source: dict) -> str:
 
 
 def _plan(source: dict) -> Plan:
-    from ..api import make_plan
-
-    return make_plan(source["sft"], source["aligned"], (source["alpha"],), **source.get("plan", {}))
+    return make_plan(source["sft"], source["aligned"], (source["alpha"],), PlanOptions.from_dict(source.get("plan")))
 
 
 def weight_signature(source: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -118,31 +116,6 @@ def _to_torch(bits: np.ndarray | bytes, dtype: str, shape: tuple[int, ...]):
     return tensor.reshape(shape)
 
 
-def _readers(storage):
-    opened: dict = {}
-
-    def reader(shard: str):
-        if shard not in opened:
-            opened[shard] = storage.open_reader(shard)
-        return opened[shard]
-    return reader, opened
-
-
-# A rank's part of a tensor: None (whole), ("rows", start, end) or ("cols", start, end) of a 2-D tensor.
-Slice = tuple[str, int, int] | None
-
-
-def read_part(reader, info, part: Slice) -> bytes:
-    """The bytes of ``part`` of the tensor ``info`` (rows: one range; columns: one range per row)."""
-    if part is None:
-        return read_tensor(reader, info)
-    kind, start, end = part
-    if kind == "rows":
-        return read_rows(reader, info, start, end)
-    rows, width = info.shape[0], (end - start) * info.itemsize
-    return b"".join(reader.read(info.start + r * info.row_bytes + start * info.itemsize, width) for r in range(rows))
-
-
 def _part_shape(shape: tuple[int, ...], part: Slice) -> tuple[int, ...]:
     if part is None:
         return tuple(shape)
@@ -166,84 +139,19 @@ def _placed(bits, dtype: str, shape: tuple[int, ...], part: Slice):
     return full
 
 
-class _Stats(dict):
-    def __init__(self):
-        super().__init__(bytes_read=0, elements_computed=0, sliced=0, whole=0)
-
-
-def _valid(part: Slice, shape: tuple[int, ...]) -> bool:
-    if part is None:
-        return True
-    kind, start, end = part
-    if kind == "rows":
-        return len(shape) >= 1 and 0 <= start <= end <= shape[0]
-    return len(shape) == 2 and 0 <= start <= end <= shape[1]
-
-
 def iter_weights(source: dict, part_of=None, stats: dict | None = None) -> Iterator[tuple[str, Any]]:
     """(name, torch tensor) for every tensor ``source`` gives, one tensor in memory at a time.
     ``part_of(name)`` (default: whole tensors) says which part of each tensor to read and
     compute; the other elements of the tensor given are left unset. ``stats`` counts bytes read,
     elements computed and tensors given in part or whole."""
     part_of = part_of or (lambda name: None)
-    stats = stats if stats is not None else _Stats()
+    stats = stats if stats is not None else theta.Stats()
     if "folder" in source:
-        ckpt = Checkpoint.open(source["folder"])
-        reader, opened = _readers(ckpt.storage)
-        try:
-            for name, loc in ckpt.tensors.items():
-                info = loc.info
-                part = part_of(name)
-                part = part if _valid(part, info.shape) else None
-                data = read_part(reader(loc.shard), info, part)
-                stats["bytes_read"] += len(data)
-                stats["sliced" if part else "whole"] += 1
-                yield name, _placed(data, info.dtype, info.shape, part)
-        finally:
-            for r in opened.values():
-                r.close()
-        return
-    yield from _iter_extrapolated(_plan(source), float(source["alpha"]), part_of, stats)
-
-
-def _iter_extrapolated(plan: Plan, alpha: float, part_of, stats: dict) -> Iterator[tuple[str, Any]]:
-    from ..shard_task import compute_chunk
-    from ..storage import open_storage
-
-    a_reader, a_open = _readers(open_storage(plan.aligned_uri))
-    s_reader, s_open = _readers(open_storage(plan.sft_uri))
-    try:
-        for shard in plan.shards:
-            for t in shard.tensors:
-                part = part_of(t.name)
-                if not _valid(part, t.shape) or (part and part[0] == "cols" and t.action == EXTEND_ROWS):
-                    part = None
-                stats["sliced" if part else "whole"] += 1
-                a_bytes = read_part(a_reader(t.aligned.shard), t.aligned.info, part)
-                stats["bytes_read"] += len(a_bytes)
-                effective = alpha * t.scale
-                if t.action == COPY_IDENTICAL:
-                    s_bytes = read_part(s_reader(t.sft.shard), t.sft.info, part)
-                    stats["bytes_read"] += len(s_bytes)
-                    if a_bytes != s_bytes:
-                        raise ExpoError(f"tensor {t.name} ({t.dtype}, not a float type) differs between the SFT "
-                                        "and aligned models; non-float tensors must be identical")
-                if t.action in (EXTRAPOLATE, EXTEND_ROWS) and effective != 0.0:
-                    s_part = part
-                    if t.action == EXTEND_ROWS:  # the SFT model has only the first shared_rows rows
-                        lo, hi = (part[1], part[2]) if part else (0, t.shape[0])
-                        s_part = ("rows", min(lo, t.shared_rows), min(hi, t.shared_rows))
-                    s_bytes = read_part(s_reader(t.sft.shard), t.sft.info, s_part)
-                    stats["bytes_read"] += len(s_bytes)
-                    count = len(a_bytes) // t.aligned.info.itemsize
-                    (out,) = compute_chunk(t, kernel.bits_dtype(t.dtype), a_bytes, s_bytes, [effective], count, [None], 0)
-                    stats["elements_computed"] += count
-                    yield t.name, _placed(out, t.dtype, t.shape, part)
-                else:
-                    yield t.name, _placed(a_bytes, t.dtype, t.shape, part)
-    finally:
-        for r in list(a_open.values()) + list(s_open.values()):
-            r.close()
+        tensors = theta.iter_stored(Checkpoint.open(source["folder"]), part_of, stats)
+    else:
+        tensors = theta.iter_theta(_plan(source), float(source["alpha"]), part_of, stats)
+    for name, dtype, shape, part, bits in tensors:
+        yield name, _placed(bits, dtype, shape, part)
 
 
 def rank_slices(model, rank: int, size: int) -> tuple[Any, list[str]]:
@@ -316,7 +224,7 @@ class WeightSwapExtension:
         began = time.perf_counter()
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         part_of, unknown = rank_slices(self.model_runner.get_model(), rank, size)
-        stats = _Stats()
+        stats = theta.Stats()
         counted = {"tensors": 0, "bytes": 0}
 
         def counting():

@@ -19,40 +19,31 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
 
 from ..errors import ExpoError
-from ..identity import checkpoint_identity
-from ..ray_runtime import ensure_ray, task_options
-from ..storage import open_storage
-from .actors import ENGINE_LOGS_ENV
-from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
-from .models import ModelRef, model_config
-from .pipeline import (
-    EngineSettings,
-    _fitting_prompts,
-    _stop,
+from ..evaluate.engine.actors import (
+    ENGINE_LOGS_ENV,
     engine_kwargs,
     generation_kwargs,
     plan_for,
     start_reward_actor,
+    stop,
 )
-from .prompts import PromptSet
-from .selection import describe
-from .vllm_support import installed_version, resolve_swap
+from ..evaluate.engine.vllm_support import installed_version, resolve_swap
+from ..evaluate.models import ModelRef, model_config
+from ..evaluate.pipeline import fitting_prompts
+from ..evaluate.prompts import PromptSet
+from ..evaluate.selection import describe
+from ..extrapolate import run_plan
+from ..identity import checkpoint_identity
+from ..manifest import verify_variant
+from ..options import EngineOptions, PlanOptions, SamplingOptions, SearchOptions
+from ..plan import make_plan, variant_name
+from ..ray_runtime import ensure_ray, task_options
+from ..storage import open_storage
+from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
 
 log = logging.getLogger("expo_ray")
-DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    grid: tuple[float, ...] = DEFAULT_GRID
-    budget: int | None = None        # generations; default half of the full grid's
-    initial_prompts: int | None = None
-    refine_steps: int = 2
-    shuffle_seed: int = 0
-    time_share: bool | None = None   # engines take turns (None: when the cluster cannot hold both)
 
 
 class _Evaluator:
@@ -65,11 +56,11 @@ class _Evaluator:
     waiting for a reward engine would wait forever).
     """
 
-    def __init__(self, ray, sft: str, aligned: str, texts: list[str], reward_model: str, sampling: dict,
-                 settings: EngineSettings, plan_options: dict, plan, time_share: bool, log_dir: str | None = None):
+    def __init__(self, ray, sft: str, aligned: str, texts: list[str], reward_model: str, sampling: SamplingOptions,
+                 engine: EngineOptions, plan: PlanOptions, placement, time_share: bool, log_dir: str | None = None):
         self.ray, self.sft, self.aligned, self.texts = ray, sft, aligned, texts
-        self.sampling, self.plan_options = sampling, plan_options
-        self.settings, self.plan, self.reward_model, self.time_share = settings, plan, reward_model, time_share
+        self.sampling, self.plan = sampling.to_dict(), plan.to_dict()
+        self.engine, self.placement, self.reward_model, self.time_share = engine, placement, reward_model, time_share
         self.log_dir = log_dir
         self.generator = self.scorer = None
         self.answers: dict[float, list[dict]] = {}
@@ -81,18 +72,18 @@ class _Evaluator:
             self._generator(), self._scorer()
 
     def _generator(self):
-        from .actors import generation_actor
+        from ..evaluate.engine.actors import generation_actor
 
         if self.generator is None:
             if self.scorer is not None and self.time_share:
-                _stop(self.ray, self.scorer)
+                stop(self.ray, self.scorer)
                 self.scorer = None
-            placement, aligned = self.plan.generation, self.aligned
+            placement, aligned = self.placement.generation, self.aligned
             self.generator = generation_actor().options(**task_options(**placement.actor_options)).remote(
                 aligned, checkpoint_identity(aligned) if "://" in aligned else None, swappable=True,
                 log_uri=self._log_uri("generation"),
-                max_model_len=self.settings.max_model_len, **engine_kwargs(placement, self.settings),
-                **generation_kwargs(self.settings))
+                max_model_len=self.engine.max_model_len, **engine_kwargs(placement, self.engine),
+                **generation_kwargs(self.engine))
             self.serving, self.engine_starts = None, self.engine_starts + 1
         return self.generator
 
@@ -103,16 +94,17 @@ class _Evaluator:
     def _scorer(self):
         if self.scorer is None:
             if self.generator is not None and self.time_share:
-                _stop(self.ray, self.generator)
+                stop(self.ray, self.generator)
                 self.generator = None
-            self.scorer = start_reward_actor(self.reward_model, self.settings, self.plan.reward, self._log_uri("reward"))
+            self.scorer = start_reward_actor(self.reward_model, self.engine, self.placement.reward,
+                                             self._log_uri("reward"))
             self.engine_starts += 1
         return self.scorer
 
     def _generate(self, alpha: float, n: int) -> list[dict]:
         ray, generator = self.ray, self._generator()
         if self.serving != alpha:
-            info = ray.get(generator.serve_extrapolated.remote(self.sft, self.aligned, alpha, self.plan_options))
+            info = ray.get(generator.serve_extrapolated.remote(self.sft, self.aligned, alpha, self.plan))
             self.swap_seconds.append(info["seconds"])
             self.serving = alpha
         began = time.perf_counter()
@@ -142,38 +134,37 @@ class _Evaluator:
     def close(self) -> None:
         for actor in (self.generator, self.scorer):
             if actor is not None:
-                _stop(self.ray, actor)
+                stop(self.ray, actor)
 
 
-def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, *, out_uri: str, sampling: dict,
-                 settings: EngineSettings = EngineSettings(), search: SearchSettings = SearchSettings(),
-                 plan_options: dict | None = None, address: str | None = None) -> dict:
+def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, *, out_uri: str,
+                 sampling: SamplingOptions = SamplingOptions(), engine: EngineOptions = EngineOptions(),
+                 search: SearchOptions = SearchOptions(), plan: PlanOptions = PlanOptions(),
+                 address: str | None = None) -> dict:
     """Run the adaptive search; write search.json/md/png under ``out_uri/search``; return the report."""
-    from ..api import make_plan
-    from .vllm_engine import SamplingSettings, check_reward_model
+    from ..evaluate.engine.vllm_engine import check_reward_model
 
     began = time.perf_counter()
-    plan_options = dict(plan_options or {})
     # Everything that can be refused is checked before any engine starts.
     search_settings(search.grid, len(prompts.prompts), search.budget, search.initial_prompts)
-    make_plan(sft, aligned, (1.0,), **plan_options)
-    check_reward_model(reward_model, settings.trust_remote_code, model_config(reward_model))
-    sampling = asdict(SamplingSettings(**sampling))
-    prompts, skipped = _fitting_prompts([ModelRef("aligned", 0.0, aligned, "")], prompts, settings)
+    make_plan(sft, aligned, (1.0,), plan)
+    check_reward_model(reward_model, engine.trust_remote_code, model_config(reward_model))
+    engine.export_cache_settings()
+    prompts, skipped = fitting_prompts([ModelRef("aligned", 0.0, aligned, "")], prompts, engine)
     order = list(range(len(prompts.prompts)))
     random.Random(search.shuffle_seed).shuffle(order)
     texts = [prompts.prompts[i].text for i in order]
 
-    resolve_swap(settings.swap, installed_version(), needed_by="expo-ray search")
+    resolve_swap(engine.swap, installed_version(), needed_by="expo-ray search")
     ray = ensure_ray(address)
-    plan = plan_for(ray, settings)
-    time_share = (not plan.together) if search.time_share is None else search.time_share
+    placement = plan_for(ray, engine)
+    time_share = (not placement.together) if search.time_share is None else search.time_share
     if time_share:
         log.info("the generation and the reward engine take turns (the cluster cannot hold both at once)")
     log_dir = f"{open_storage(out_uri).child('search').uri.rstrip('/')}/logs"
     if os.environ.get(ENGINE_LOGS_ENV) != "live":
         log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", log_dir)
-    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, settings, plan_options, plan, time_share,
+    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, engine, plan, placement, time_share,
                            log_dir)
     try:
         outcome = adaptive_search(evaluator, search.grid, len(texts), budget=search.budget,
@@ -182,8 +173,8 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
         evaluator.close()
     report = _report(outcome, evaluator, {
         "sft": sft, "aligned": aligned, "prompts": prompts.source, "prompt_set": prompts.name,
-        "n_prompts": len(texts), "reward_model": reward_model, "sampling": sampling,
-        "grid": list(search.grid), "tensor_parallel_size": settings.tp, "skipped_prompts": skipped,
+        "n_prompts": len(texts), "reward_model": reward_model, "sampling": sampling.to_dict(),
+        "grid": list(search.grid), "tensor_parallel_size": engine.tp, "skipped_prompts": skipped,
     })
     report["seconds"] = round(time.perf_counter() - began, 1)
     out = open_storage(out_uri).child("search")
@@ -240,7 +231,8 @@ def search_markdown(report: dict) -> str:
         "", f"**Recommended alpha: {best['alpha']:g}** (mean reward {best['mean_reward']:.3f} on {best['n']} prompts"
         + (f"; runner-up {report['runner_up']:g})" if report.get("runner_up") is not None else ")"), "",
         f"Selection: {report['selection']['statement']}. Paired statistics use the prompts both points share.", "",
-        "| alpha | prompts | mean reward | 95% CI | gain vs alpha=0 (paired) | tied with best | mean tokens | added in |",
+        "| alpha | prompts | mean reward | 95% CI | gain vs alpha=0 (paired) | tied with best | mean tokens | added in "
+        "|",
         "|---|---|---|---|---|---|---|---|",
     ]
     for p in report["points"]:
@@ -259,13 +251,14 @@ def plot_search(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import figure_png
+    from ..evaluate.report import figure_png
 
     points = report["points"]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     largest = max(p["n"] for p in points)
     for p in points:
-        ax.errorbar([p["alpha"]], [p["mean_reward"]], yerr=[[p["mean_reward"] - p["ci_low"]], [p["ci_high"] - p["mean_reward"]]],
+        error = [[p["mean_reward"] - p["ci_low"]], [p["ci_high"] - p["mean_reward"]]]
+        ax.errorbar([p["alpha"]], [p["mean_reward"]], yerr=error,
                     marker="o", markersize=3 + 7 * p["n"] / largest, capsize=3,
                     color="tab:red" if p["alpha"] == report["best"]["alpha"] else "tab:blue")
     ax.set_xlabel("alpha")
@@ -275,15 +268,10 @@ def plot_search(report: dict) -> bytes:
     return figure_png(fig)
 
 
-def materialize(sft: str, aligned: str, alphas: list[float], out_uri: str, *, plan_options: dict | None = None,
+def materialize(sft: str, aligned: str, alphas: list[float], out_uri: str, *, plan: PlanOptions = PlanOptions(),
                 address: str | None = None, show_progress: bool = True) -> list[str]:
     """Extrapolate, commit and verify the chosen alphas under ``out_uri``; returns the variant URIs."""
-    from ..api import extrapolate
-    from ..manifest import verify_variant
-    from ..plan import variant_name
-
-    extrapolate(sft, aligned, alphas, out_uri, address=address, show_progress=show_progress,
-                **(plan_options or {}))
+    run_plan(make_plan(sft, aligned, alphas, plan), out_uri, address=address, show_progress=show_progress)
     root = open_storage(out_uri)
     uris = []
     for alpha in alphas:

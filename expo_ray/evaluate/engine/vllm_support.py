@@ -8,10 +8,10 @@ import logging
 import re
 from importlib import metadata
 
-from ..errors import ExpoError
+from ...errors import ExpoError
 
 log = logging.getLogger("expo_ray")
-# Weight swapping (evaluate/weight_swap.py) is tested with these releases: [low, high).
+# Weight swapping (engine/weight_swap.py) is tested with these releases: [low, high).
 SWAP_TESTED = ((0, 32), (0, 33))
 SWAP_TESTED_TEXT = "0.32.x"
 
