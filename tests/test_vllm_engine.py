@@ -103,7 +103,7 @@ def test_each_prompt_gets_its_own_sampling_seed():
     assert s.request_seed(a) == s.request_seed(list(a)) != s.request_seed(b)
     assert SamplingOptions(seed=7).request_seed(a) != s.request_seed(a)
     assert SamplingOptions(seed=None).request_seed(a) is None
-    assert s.to_vllm(a).seed == s.request_seed(a)
+    assert sampling_params(s, a).seed == s.request_seed(a)
     seeds = {s.request_seed([1, i, 2]) for i in range(1000)}
     assert len(seeds) == 1000 and all(0 <= x < 2**31 for x in seeds)
 

@@ -192,6 +192,17 @@ def cpu_thread_binding(tensor_parallel_size: int) -> str:
     return "|".join(",".join(str(c) for c in cpus[i * per:(i + 1) * per]) for i in range(tensor_parallel_size))
 
 
+def _start_llm(model_path: str, runner: str, tensor_parallel_size: int, dtype: str, max_model_len: int | None,
+               trust_remote_code: bool, engine_kwargs: dict):
+    """``vllm.LLM`` on ``model_path`` (its own tokenizer) for ``runner`` "generate" or "pooling"."""
+    from vllm import LLM
+
+    with _engine_environment(tensor_parallel_size):
+        return LLM(model=model_path, tokenizer=model_path, runner=runner, tensor_parallel_size=tensor_parallel_size,
+                   dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                   **_engine_kwargs(engine_kwargs))
+
+
 def _engine_kwargs(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Defaults that make vLLM behave on a CPU-only machine; nothing changes on GPUs.
 
@@ -319,19 +330,8 @@ class GenerationEngine(_Engine):
             engine_kwargs["worker_extension_cls"] = WORKER_EXTENSION
             self._signature = weight_signature(folder_source(self.model_path))
             self.serving = folder_source(self.model_path)
-        from vllm import LLM
-
-        with _engine_environment(tensor_parallel_size):
-            self._llm = LLM(
-                model=self.model_path,
-                tokenizer=self.model_path,
-                runner="generate",
-                tensor_parallel_size=tensor_parallel_size,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                trust_remote_code=trust_remote_code,
-                **_engine_kwargs(engine_kwargs),
-            )
+        self._llm = _start_llm(self.model_path, "generate", tensor_parallel_size, dtype, max_model_len,
+                               trust_remote_code, engine_kwargs)
 
     def swap_weights(self, source: dict) -> dict:
         """Serve the weights ``source`` describes (see :mod:`.weight_swap`) instead of the current
@@ -455,19 +455,8 @@ class RewardEngine(_Engine):
         self._llm = None
         check_reward_model(self.model_path, trust_remote_code)
         self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "reward model")
-        from vllm import LLM
-
-        with _engine_environment(tensor_parallel_size):
-            self._llm = LLM(
-                model=self.model_path,
-                tokenizer=self.model_path,
-                runner="pooling",
-                tensor_parallel_size=tensor_parallel_size,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                trust_remote_code=trust_remote_code,
-                **_engine_kwargs(engine_kwargs),
-            )
+        self._llm = _start_llm(self.model_path, "pooling", tensor_parallel_size, dtype, max_model_len,
+                               trust_remote_code, engine_kwargs)
 
     def render(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of each [user: prompt, assistant: response] under the reward model's chat
