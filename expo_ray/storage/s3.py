@@ -76,8 +76,9 @@ class _PartBuffers:
     """Part buffers reused across parts and writers of a process: a new 16 MiB buffer per part
     costs page faults and zeroing on every part, about as much CPU as the copy into it."""
 
-    def __init__(self, keep: int):
-        self.keep = keep            # buffers of each size kept for reuse (what one task's writers hold)
+    def __init__(self, keep_bytes: int):
+        self.keep_bytes = keep_bytes  # at most this much kept for reuse (less than a task's writers hold)
+        self.kept = 0
         self.free: dict[int, list[bytearray]] = {}
         self.lock = threading.Lock()
 
@@ -85,17 +86,18 @@ class _PartBuffers:
         with self.lock:
             free = self.free.get(size)
             if free:
+                self.kept -= size
                 return free.pop()
         return bytearray(size)
 
     def give(self, buffer: bytearray) -> None:
         with self.lock:
-            free = self.free.setdefault(len(buffer), [])
-            if len(free) < self.keep:
-                free.append(buffer)
+            if self.kept + len(buffer) <= self.keep_bytes:
+                self.free.setdefault(len(buffer), []).append(buffer)
+                self.kept += len(buffer)
 
 
-_buffers = _PartBuffers(keep=2 * (PARTS_IN_FLIGHT + 1))
+_buffers = _PartBuffers(keep_bytes=2 * (PARTS_IN_FLIGHT + 1) * RANGED_PART)
 
 
 def _code(exc) -> str:
