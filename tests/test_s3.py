@@ -8,7 +8,7 @@ from expo_ray.api import extrapolate
 from expo_ray.errors import StorageError
 from expo_ray.manifest import verify_variant
 from expo_ray.storage import open_storage
-from expo_ray.storage.s3 import MAX_PARTS, MiB, S3Storage, part_size_for
+from expo_ray.storage.s3 import MAX_PARTS, WINDOW, MiB, S3Storage, part_size_for
 
 
 def test_s3_to_s3_is_byte_identical_to_local(ray_local, s3_client, bf16_pair, tmp_path):
@@ -43,6 +43,10 @@ def test_multipart_streaming_and_ranged_reads(s3_server, s3_client):
     with store.open_reader("big.bin") as r:
         assert r.read(0, len(data)) == data     # split into concurrent ranged GETs
         assert r.read(17 * MiB + 5, 1000) == data[17 * MiB + 5:17 * MiB + 1005]
+        # Small reads come from whole windows of the object, also across a window boundary.
+        for offset, n in ((WINDOW - 100, 200), (2 * WINDOW - 3 * MiB, 3 * MiB + 10), (5, 70000), (WINDOW + 1, 10),
+                          (len(data) - 70000, 70000), (len(data) - 1, 1)):
+            assert r.read(offset, n) == data[offset:offset + n]
         with pytest.raises(StorageError, match="past the end"):
             r.read(len(data) - 10, 11)
     # An aborted writer leaves nothing: no object, no multipart upload.
