@@ -81,7 +81,8 @@ def main() -> None:
         client = boto3.client("s3")
         client.create_bucket(Bucket="bench")
         sft_dir, aligned_dir, _ = make_pair(work / "pair", args.size_gb * 1e9, verbose=False)
-        read_bytes = upload(client, Path(sft_dir), "bench", "sft") + upload(client, Path(aligned_dir), "bench", "aligned")
+        read_bytes = (upload(client, Path(sft_dir), "bench", "sft")
+                      + upload(client, Path(aligned_dir), "bench", "aligned"))
         aligned_bytes = sum(p.stat().st_size for p in Path(aligned_dir).iterdir())
         shutil.rmtree(work / "pair")
 
@@ -116,7 +117,8 @@ def main() -> None:
             note_worker_env()
             ray_starts.append(time.perf_counter() - t)
             cpu, t = server_cpu(), time.perf_counter()
-            result = extrapolate("s3://bench/sft", "s3://bench/aligned", alphas, f"s3://bench/expo{r}", show_progress=False)
+            result = extrapolate("s3://bench/sft", "s3://bench/aligned", alphas, f"s3://bench/expo{r}",
+                                 show_progress=False)
             seconds, cpu = time.perf_counter() - t, server_cpu() - cpu
             ray.shutdown()
             return seconds, result.bytes_read + result.bytes_written, cpu
@@ -152,7 +154,8 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM")
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
-    print(f"SeaweedFS on loopback; checkpoints {args.size_gb} GB each; alphas {alphas}; Ray start-up {statistics.median(ray_starts):.1f} s (median; not counted)\n")
+    print(f"SeaweedFS on loopback; checkpoints {args.size_gb} GB each; alphas {alphas}; Ray start-up "
+          f"{statistics.median(ray_starts):.1f} s (median; not counted)\n")
     print("| round | method | bytes moved (GB) | wall s | throughput MB/s | vs AWS CLI | server CPU s | load average |")
     print("|---|---|---|---|---|---|---|---|")
     ratios = []
@@ -164,7 +167,8 @@ def main() -> None:
               f"{expo_tp / aws_tp:.2f}x | {expo_cpu:.1f} | {load:.1f} |")
         print(f"| {r} | aws s3 cp (down + up, RAM disk) | {aws_bytes / 1e9:.2f} | {aws_s:.1f} | {aws_tp:.0f} | 1.00x | "
               f"{aws_cpu:.1f} | {load:.1f} |")
-    print(f"\nexpo-ray vs AWS CLI: median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x "
+    print(f"\nexpo-ray vs AWS CLI: median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max "
+          f"{max(ratios):.2f}x "
           f"over {len(ratios)} round(s)")
 
 

@@ -80,7 +80,8 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
     memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
     from .capacity import cluster_capacity  # a task no node can hold would wait forever: refuse now
 
-    cluster_capacity(ray).check({"CPU": 1, "memory": memory}, f"an extrapolation task (--chunk-mib {write.chunk_mib:g})")
+    cluster_capacity(ray).check({"CPU": 1, "memory": memory}, "an extrapolation task (--chunk-mib "
+                                                              f"{write.chunk_mib:g})")
     aligned_store = open_storage(plan.aligned_uri)
     hashes = hashing.algorithms(write.sha256)
     jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,

@@ -67,7 +67,8 @@ def run(jobs: list[ShardJob], out: Storage, cpus: int, submit: Callable[[list[Sh
                 uploads[(v, job.shard.key)] = out.begin_ranged(f"{v}/{job.shard.key}", size)
             pending.append((record, sub, size))
         ranges = split({sub.shard.key: size for _, sub, size in pending}, cpus)
-        pieces = [dataclasses.replace(sub, file_range=r, uploads=tuple(uploads[(v, sub.shard.key)] for v in sub.variants))
+        pieces = [dataclasses.replace(sub, file_range=r,
+                                      uploads=tuple(uploads[(v, sub.shard.key)] for v in sub.variants))
                   for _, sub, _ in pending for r in ranges[sub.shard.key]]
         pieces.sort(key=lambda p: p.file_range[0] - p.file_range[1])  # largest first
         log.info("%d output file(s) in %d piece(s) for %d CPU(s)", len(uploads), len(pieces), cpus)

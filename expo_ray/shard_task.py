@@ -147,7 +147,8 @@ def receipt_key(variant: str, shard: str) -> str:
     return f"{RECEIPTS}/{variant}/{shard}.json"
 
 
-def finished_output(out_store: Storage, variant: str, shard: str, fingerprint: str, hashes: tuple[str, ...]) -> dict | None:
+def finished_output(out_store: Storage, variant: str, shard: str, fingerprint: str,
+                    hashes: tuple[str, ...]) -> dict | None:
     """The record of an output shard an earlier run finished, re-verified; None if not done."""
     key = receipt_key(variant, shard)
     if not out_store.exists(key):
@@ -270,8 +271,12 @@ def _compute_shard(job: ShardJob, out_store: Storage, progress) -> tuple[dict, d
         io_pool.shutdown()
         readers.close()
     # The stored version (mtime, ETag) lets the commit notice a file another run replaced meanwhile.
-    written = {v: {"size": outputs.sizes[i], **hashing.combine(job.hashes, [outputs.hashes[i].result()], outputs.sizes[i]),
-                   "version": out_store.version(f"{v}/{job.shard.key}") if out_store.exists(f"{v}/{job.shard.key}") else None}
+    def version(key: str) -> str | None:
+        return out_store.version(key) if out_store.exists(key) else None
+
+    written = {v: {"size": outputs.sizes[i],
+                   **hashing.combine(job.hashes, [outputs.hashes[i].result()], outputs.sizes[i]),
+                   "version": version(f"{v}/{job.shard.key}")}
                for i, v in enumerate(job.variants)}
     return written, {"bytes_read": read, "compute_seconds": compute_s}
 
@@ -351,7 +356,8 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
         if writes[slot] is not None:
             writes[slot].result()  # the buffers of this slot are free again
         if t.action == COPY_IDENTICAL and a_bytes != s_bytes:
-            kind = (f"FP8 ({t.dtype}): FP8 weights are not extrapolated (dequantize both checkpoints first), only copied"
+            kind = (f"FP8 ({t.dtype}): FP8 weights are not extrapolated (dequantize both checkpoints first), only "
+                    "copied"
                     if t.dtype.startswith("F8_") else f"{t.dtype}, not a float type: it is copied")
             raise ExpoError(f"tensor {t.name} is {kind} and must be identical in both models, but it differs "
                             "between the SFT and aligned models")

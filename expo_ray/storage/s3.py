@@ -44,7 +44,8 @@ TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTime
 def client():
     """One boto3 client per process and endpoint/credential settings (clients are thread-safe)."""
     settings = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                                                 "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"))
+                                                 "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_REGION",
+                                                 "AWS_DEFAULT_REGION"))
     with _lock:
         if settings not in _clients:
             import boto3
@@ -68,7 +69,8 @@ def pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(READ_CONCURRENCY, PARTS_IN_FLIGHT) * 2, thread_name_prefix="expo-s3")
+            _pool = ThreadPoolExecutor(max_workers=max(READ_CONCURRENCY, PARTS_IN_FLIGHT) * 2,
+                                       thread_name_prefix="expo-s3")
         return _pool
 
 
@@ -102,7 +104,8 @@ _buffers = _PartBuffers(keep_bytes=2 * (PARTS_IN_FLIGHT + 1) * RANGED_PART)
 
 def _code(exc) -> str:
     response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+    code = response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(code or "")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -198,7 +201,8 @@ class S3Reader(RangedReader):
         def once():
             # IfMatch: a read never mixes two versions of an object replaced meanwhile.
             kwargs = {"IfMatch": self.etag} if self.etag else {}
-            body = client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{offset + length - 1}", **kwargs)["Body"]
+            byte_range = f"bytes={offset}-{offset + length - 1}"
+            body = client().get_object(Bucket=self.bucket, Key=self.key, Range=byte_range, **kwargs)["Body"]
             data = body.read()
             if len(data) != length:
                 raise ConnectionError(f"short read: {len(data)} of {length} bytes")
@@ -304,8 +308,8 @@ class S3Writer(Writer):
                     self._upload_part(self._take_part())
                 parts = [self.parts[n].result() for n in sorted(self.parts)]
                 with_retries(lambda: client().complete_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}, **conditional),
-                    self.label)
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts},
+                    **conditional), self.label)
                 self.upload_id = None
         except BaseException:
             self.abort()
@@ -393,7 +397,8 @@ class S3Storage(Storage):
 
     def size(self, key: str) -> int:
         full = self._key(key)
-        return with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))["ContentLength"]
+        head = with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))
+        return head["ContentLength"]
 
     def version(self, key: str) -> str:
         full = self._key(key)
@@ -416,7 +421,8 @@ class S3Storage(Storage):
 
     def begin_ranged(self, key: str, size: int) -> str:
         if size > MAX_PARTS * RANGED_PART:
-            raise StorageError(f"{self.describe(key)}: {size} bytes need more than {MAX_PARTS} parts of {RANGED_PART} bytes")
+            raise StorageError(f"{self.describe(key)}: {size} bytes need more than {MAX_PARTS} parts of {RANGED_PART} "
+                               "bytes")
         full = self._key(key)
         return with_retries(lambda: client().create_multipart_upload(
             Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32")["UploadId"], self.describe(key))
