@@ -27,8 +27,9 @@ from ..errors import ExpoError
 
 log = logging.getLogger("expo_ray")
 
-# The DPO delta is small: dpo_small keeps improving up to alpha 4 and breaks down only far out.
-DEMO_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0)
+# The under-trained model's DPO delta is small: it improves up to about alpha 8, overshoots the
+# task's target beyond, and breaks down only far out (the well-trained model much sooner).
+DEMO_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1024.0)
 # The paper's sampling (temperature 0.7, top-p 0.9, top-k 50, penalties 0.1, seed 42); a good
 # answer is 11 tokens, so a short limit: what runs past it is malformed anyway.
 EVAL_SAMPLING = {"max_tokens": 32}
