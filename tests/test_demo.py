@@ -32,15 +32,47 @@ def demo_run(tmp_path_factory):
     return workdir, first
 
 
+def _true_scores(workdir: Path, name: str, results: list[dict]) -> dict[float, float]:
+    """The task's ground truth (not the reward model) of each alpha's answers: their mean score."""
+    from expo_ray.demo.task import true_score
+
+    out = {}
+    for r in results:
+        if r["alpha"] is None:
+            continue
+        lines = (workdir / "results" / name / "responses" / f"{r['label']}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        assert len(rows) == r["n"]
+        out[r["alpha"]] = sum(true_score(row["prompt"], row["output"]) for row in rows) / len(rows)
+    return out
+
+
 def test_demo_shows_extrapolation_improving_the_under_trained_model(demo_run):
     workdir, first = demo_run
     summary = json.loads((workdir / "demo-summary.json").read_text())
     small = summary["dpo"]["dpo_small"]
     f = small["finding"]
-    # The under-trained DPO model: the recommended alpha is above 0 with a significant paired gain.
-    assert f["best_alpha"] > 0 and f["improves"] and f["gain_low"] > 0, json.dumps(small["results"], indent=1)
-    # A very large alpha degrades: its paired interval against alpha 0 lies below 0.
-    assert f["large_alpha_degrades"], json.dumps(small["results"], indent=1)
+    shown = json.dumps(small["results"], indent=1)
+    top = max(summary["alphas"])
+    # The under-trained DPO model: the recommended alpha is above 0 with a significant paired gain ...
+    assert f["best_alpha"] > 0 and f["improves"] and f["gain_low"] > 0, shown
+    # ... the reward rises to an interior best and falls beyond it, beyond the paired interval ...
+    assert 0 < f["highest_mean_alpha"] < top and f["best_alpha"] < top, shown
+    assert f["falls_after_best"], shown
+    # ... while the well-trained model gains less (or nothing) ...
+    large = summary["dpo"]["dpo_large"]["finding"]
+    assert large["gain"] < f["gain"], json.dumps(summary["dpo"]["dpo_large"]["results"], indent=1)
+    # ... and a very large alpha breaks both models: its paired interval against alpha 0 lies below 0.
+    for d in summary["dpo"].values():
+        assert d["finding"]["large_alpha_degrades"], json.dumps(d["results"], indent=1)
+    # The task's ground truth agrees: the recommended alpha beats alpha 0, the truth peaks at an
+    # interior alpha, and an alpha between that peak and the largest overshoots it (too many `!`).
+    truth = _true_scores(workdir, "dpo_small", small["results"])
+    assert truth[f["best_alpha"]] > truth[0.0] + 0.05, truth
+    peak = max(truth, key=truth.get)
+    assert 0 < peak < top, truth
+    assert any(peak < a < top and truth[a] < truth[peak] - 0.05 for a in truth), truth
+    assert truth[top] < truth[0.0], truth
     # The recommendation follows the rule for both models: alpha 0 unless a gain is significant, and
     # otherwise the smallest alpha tied with the highest mean.
     for d in summary["dpo"].values():
