@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .demo.pipeline import DEMO_ALPHAS
 from .errors import ExpoError
 from .options import (
     ALPHA_RULE,
@@ -374,7 +375,7 @@ def sweep(spec_path, address, check, no_progress):
 @main.command()
 @click.option("--workdir", default="expo-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where models, storage, reports and the summary go (models and results are reused).")
-@click.option("--alpha", "alphas", default="0,1,2,4,8,16,64,256", show_default=True, metavar="LIST",
+@click.option("--alpha", "alphas", default=",".join(f"{a:g}" for a in DEMO_ALPHAS), show_default=True, metavar="LIST",
               help="The alpha grid for each DPO model.")
 @click.option("--scale", type=click.Choice(["full", "small"]), default="full", show_default=True,
               help="small: fewer training steps and prompts (for tests).")

@@ -32,15 +32,47 @@ def demo_run(tmp_path_factory):
     return workdir, first
 
 
+def _true_scores(workdir: Path, name: str, results: list[dict]) -> dict[float, float]:
+    """The task's ground truth (not the reward model) of each alpha's answers: their mean score."""
+    from expo_ray.demo.task import true_score
+
+    out = {}
+    for r in results:
+        if r["alpha"] is None:
+            continue
+        lines = (workdir / "results" / name / "responses" / f"{r['label']}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        assert len(rows) == r["n"]
+        out[r["alpha"]] = sum(true_score(row["prompt"], row["output"]) for row in rows) / len(rows)
+    return out
+
+
 def test_demo_shows_extrapolation_improving_the_under_trained_model(demo_run):
     workdir, first = demo_run
     summary = json.loads((workdir / "demo-summary.json").read_text())
     small = summary["dpo"]["dpo_small"]
     f = small["finding"]
-    # The under-trained DPO model: the recommended alpha is above 0 with a significant paired gain.
-    assert f["best_alpha"] > 0 and f["improves"] and f["gain_low"] > 0, json.dumps(small["results"], indent=1)
-    # A very large alpha degrades: its paired interval against alpha 0 lies below 0.
-    assert f["large_alpha_degrades"], json.dumps(small["results"], indent=1)
+    shown = json.dumps(small["results"], indent=1)
+    top = max(summary["alphas"])
+    # The under-trained DPO model: the recommended alpha is above 0 with a significant paired gain ...
+    assert f["best_alpha"] > 0 and f["improves"] and f["gain_low"] > 0, shown
+    # ... the reward rises to an interior best and falls beyond it, beyond the paired interval ...
+    assert 0 < f["highest_mean_alpha"] < top and f["best_alpha"] < top, shown
+    assert f["falls_after_best"], shown
+    # ... while the well-trained model gains less (or nothing) ...
+    large = summary["dpo"]["dpo_large"]["finding"]
+    assert large["gain"] < f["gain"], json.dumps(summary["dpo"]["dpo_large"]["results"], indent=1)
+    # ... and a very large alpha breaks both models: its paired interval against alpha 0 lies below 0.
+    for d in summary["dpo"].values():
+        assert d["finding"]["large_alpha_degrades"], json.dumps(d["results"], indent=1)
+    # The task's ground truth agrees: the recommended alpha beats alpha 0, the truth peaks at an
+    # interior alpha, and an alpha between that peak and the largest overshoots it (too many `!`).
+    truth = _true_scores(workdir, "dpo_small", small["results"])
+    assert truth[f["best_alpha"]] > truth[0.0] + 0.05, truth
+    peak = max(truth, key=truth.get)
+    assert 0 < peak < top, truth
+    assert any(peak < a < top and truth[a] < truth[peak] - 0.05 for a in truth), truth
+    assert truth[top] < truth[0.0], truth
     # The recommendation follows the rule for both models: alpha 0 unless a gain is significant, and
     # otherwise the smallest alpha tied with the highest mean.
     for d in summary["dpo"].values():
@@ -92,11 +124,17 @@ def test_demo_rerun_reuses_models_variants_and_results(demo_run):
     assert "sft step" not in again.stderr and "models ready" not in again.stderr  # nothing trained
 
 
+def _rewards(jsonl: bytes) -> list[float]:
+    return [json.loads(line)["reward"] for line in jsonl.decode().splitlines() if line.strip()]
+
+
 def test_adaptive_search_matches_the_grid_with_half_the_generations(demo_run, ray_local, tmp_path):
     from expo_ray.evaluate.pipeline import evaluate_variants
     from expo_ray.evaluate.prompts import load_prompts
+    from expo_ray.evaluate.selection import select_alpha
     from expo_ray.options import EngineOptions, SamplingOptions, SearchOptions
     from expo_ray.search.driver import materialize, search_alpha
+    from expo_ray.storage import open_storage
 
     workdir, _ = demo_run
     summary = json.loads((workdir / "demo-summary.json").read_text())
@@ -111,12 +149,17 @@ def test_adaptive_search_matches_the_grid_with_half_the_generations(demo_run, ra
                           search=SearchOptions(grid=tuple(sorted(grid)), budget=grid_generations // 2))
     assert report["generations"] <= grid_generations // 2
     chosen = report["best"]["alpha"]
-    if chosen in grid:
-        full = grid[chosen]["mean_reward"]
-    else:
+    # Per-prompt rewards of the whole grid, and of the search's choice on all prompts.
+    rewards = {a: _rewards((workdir / "results" / "dpo_small" / "responses" / f"{r['label']}.jsonl").read_bytes())
+               for a, r in grid.items()}
+    if chosen not in grid:
         materialize(models["sft"], models["dpo_small"], [chosen], str(tmp_path / "s"), show_progress=False)
-        evaluated = evaluate_variants(str(tmp_path / "s"), prompts, models["reward"], sampling=sampling, engine=settings)
-        full = next(r["mean_reward"] for r in evaluated["results"] if r["alpha"] == chosen)
-    assert full >= best["ci_low"], (chosen, full, best)
+        evaluated = evaluate_variants(str(tmp_path / "s"), prompts, models["reward"], sampling=sampling,
+                                      engine=settings)
+        label = next(r["label"] for r in evaluated["results"] if r["alpha"] == chosen)
+        rewards[chosen] = _rewards(open_storage(evaluated["location"]).read_bytes(f"responses/{label}.jsonl"))
+    # The search's choice is not distinguishably worse than the grid's best, by the same paired rule.
+    sel = select_alpha(rewards)
+    assert sel.best == chosen or sel.points[chosen].tied_with_best, (chosen, sel.points[chosen], best)
     assert all(p["ci_low"] <= p["mean_reward"] <= p["ci_high"] for p in report["points"])
     assert (tmp_path / "s" / "search" / "search.png").exists()

@@ -27,8 +27,9 @@ from ..errors import ExpoError
 
 log = logging.getLogger("expo_ray")
 
-# The DPO delta is small: dpo_small keeps improving up to alpha 4 and breaks down only far out.
-DEMO_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0)
+# The under-trained model's DPO delta is small: it improves up to about alpha 8, overshoots the
+# task's target beyond, and breaks down only far out (the well-trained model much sooner).
+DEMO_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1024.0)
 # The paper's sampling (temperature 0.7, top-p 0.9, top-k 50, penalties 0.1, seed 42); a good
 # answer is 11 tokens, so a short limit: what runs past it is malformed anyway.
 EVAL_SAMPLING = {"max_tokens": 32}
@@ -136,7 +137,8 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
             result = extrapolate(sft, aligned, alphas, variants, show_progress=show_progress)
             say(f"{name}: evaluating {len(alphas)} variants on {len(prompts.prompts)} prompts with vLLM "
                 "(one engine, weights swapped in place per variant)")
-            report = evaluate_variants(variants, prompts, str(models["reward"]), sampling=SamplingOptions(**EVAL_SAMPLING),
+            report = evaluate_variants(variants, prompts, str(models["reward"]),
+                                       sampling=SamplingOptions(**EVAL_SAMPLING),
                                        engine=EngineOptions(dtype="float32", max_model_len=256),
                                        include_sft=True, title=f"demo {name}")
             _copy_report(report["location"], results_dir / name)
@@ -173,7 +175,8 @@ def _copy_report(uri: str, dest: Path) -> None:
 def demo_table(summary: dict) -> list[str]:
     """Markdown rows: reward and length against alpha for every DPO model, with the paired gain
     over alpha 0 and the recommended alpha marked."""
-    lines = ["| model | alpha | mean reward | 95% CI | gain vs alpha=0, paired [CI] | mean tokens | win rate vs alpha=0 |",
+    lines = ["| model | alpha | mean reward | 95% CI | gain vs alpha=0, paired [CI] | mean tokens | win rate vs "
+             "alpha=0 |",
              "|---|---|---|---|---|---|---|"]
     for name, d in summary["dpo"].items():
         for r in d["results"]:
@@ -193,7 +196,8 @@ def finding_lines(summary: dict) -> list[str]:
         f = d["finding"]
         out.append(f"- {name}: recommended alpha {f['best_alpha']:g} ({d['selection']['statement']}); highest mean at "
                    f"alpha {f['highest_mean_alpha']:g}, "
-                   + ("then a fall beyond its interval" if f["falls_after_best"] else "no fall beyond it within the grid")
+                   + ("then a fall beyond its "
+                      "interval" if f["falls_after_best"] else "no fall beyond it within the grid")
                    + f"; alpha {f['largest_alpha']:g}: {f['largest_alpha_reward']:.3f} ("
                    + ("below alpha 0 beyond the interval" if f["large_alpha_degrades"] else "not clearly below alpha 0")
                    + ")")
@@ -221,7 +225,8 @@ def plot_demo(summary: dict) -> bytes:
         points = [r for r in d["results"] if r["alpha"] is not None]
         xs = [r["alpha"] for r in points]
         ax_r.errorbar(xs, [r["mean_reward"] for r in points],
-                      yerr=[[r["mean_reward"] - r["ci_low"] for r in points], [r["ci_high"] - r["mean_reward"] for r in points]],
+                      yerr=[[r["mean_reward"] - r["ci_low"] for r in points],
+                            [r["ci_high"] - r["mean_reward"] for r in points]],
                       marker="o", capsize=3, label=name)
         rec = next((r for r in points if r.get("recommended")), None)
         if rec is not None:
@@ -266,7 +271,8 @@ def run_demo_seeds(workdir: str | Path, seeds, alphas=DEMO_ALPHAS, *, scale: str
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "seeds.png").write_bytes(plot_seeds(runs))
     (workdir / "seeds-report.md").write_text("\n".join(
-        ["# expo-ray demo across seeds", "", *seeds_table(summary), "", "![recommended alpha per seed](seeds.png)", ""]),
+        ["# expo-ray demo across "
+         "seeds", "", *seeds_table(summary), "", "![recommended alpha per seed](seeds.png)", ""]),
         encoding="utf-8")
     (workdir / "seeds-summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     summary["runs"] = runs
@@ -288,7 +294,8 @@ def seeds_rows(runs: dict) -> list[dict]:
 
 
 def seeds_table(summary: dict) -> list[str]:
-    lines = ["| model | seed | recommended alpha | highest mean at | reward at alpha 0 | gain, paired [CI] | significant "
+    lines = ["| model | seed | recommended alpha | highest mean at | reward at alpha 0 | gain, paired [CI] | "
+             "significant "
              "| largest alpha below alpha 0 |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(summary["rows"], key=lambda r: (r["model"], r["seed"])):
         gain = "-" if r["gain"] is None else f"{r['gain']:+.3f} [{r['gain_low']:+.3f}, {r['gain_high']:+.3f}]"

@@ -2,13 +2,16 @@
 
 A prompt asks to repeat four random content words (``"repeat: apple river stone cloud"``). A
 well-formed response says ``"ok:"`` and then the words in order, each followed by a mark, and
-stops: ``"ok: apple! river. stone! cloud."``. The mark ``!`` is *preferred*, ``.`` is
-*dispreferred*. The SFT data flips a coin for every mark, so the SFT model is uncommitted; the
-preference pairs say "more ``!`` is better among well-formed responses, and any well-formed
-response beats a malformed one" (a wrong, missing, extra, repeated or swapped word, a doubled
-or missing mark, rambling, gibberish: what a model pushed too far produces). The words are the
-same tokens in the prompt and in the response, so copying and checking them is easy for tiny
-models.
+stops: ``"ok: apple! river. stone! cloud!"``. The preferred answer marks three of the four words
+with ``!`` and one with ``.``: the score of a well-formed response peaks at three ``!`` and falls
+on both sides (:func:`true_score`), so emphasis is good up to a point and shouting every word is
+worse again. The SFT data under-uses ``!`` (each mark is ``!`` with probability 0.3), so the SFT
+model sits below the target and preference training pulls it towards "more ``!``". The
+preference pairs say "closer to three ``!`` is better among well-formed responses, and any
+well-formed response beats a malformed one" (a wrong, missing, extra, repeated or swapped word,
+a doubled or missing mark, a run of marks in place of words, rambling, gibberish: what a model
+pushed too far produces). The words are the same tokens in the prompt and in the response, so
+copying and checking them is easy for tiny models.
 
 Everything is deterministic from a seed. :func:`true_score` is the ground truth the pairs are
 drawn from; the pipeline never uses it (it scores with the trained reward model), analyses and
@@ -46,6 +49,8 @@ WORDS = (
 MIN_WORDS, MAX_WORDS = 4, 4   # a fixed length keeps the copying easy for a 2-layer model
 LEAD, GOOD, BAD = "ok:", "!", "."
 MALFORMED_SCORE = -1.0
+SFT_GOOD_SHARE = 0.3  # the SFT data under-uses ``!``: preference training has far to go
+TARGET_SHARE = 0.75   # the best answer has three ``!`` out of four: more is worse again
 
 
 def prompt_text(words: list[str] | tuple[str, ...]) -> str:
@@ -89,11 +94,13 @@ def is_well_formed(prompt: str, text: str) -> bool:
 
 
 def true_score(prompt: str, text: str) -> float:
-    """The known preference: the share of ``!`` marks if well-formed, else -1."""
+    """The known preference: ``1 - |share of ! - TARGET_SHARE| / TARGET_SHARE`` if well-formed
+    (1 at three ``!`` out of four, 0 at none, 2/3 at two or four), else -1."""
     if not is_well_formed(prompt, text):
         return MALFORMED_SCORE
     got = _marked_words(text)
-    return sum(m == GOOD for _, m in got) / len(got)
+    share = sum(m == GOOD for _, m in got) / len(got)
+    return 1.0 - abs(share - TARGET_SHARE) / TARGET_SHARE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,28 +140,35 @@ def train_prompts(n: int, seed: int = 0, *, purpose: str = "train") -> list[str]
 _HELD_OUT_POOL = 1000  # eval prompts are the first n of this pool, so any n <= 1000 is held out
 
 
-def _random_forms(rng: random.Random, n: int) -> list[bool]:
-    return [rng.random() < 0.5 for _ in range(n)]
+def _random_forms(rng: random.Random, n: int, good: float = 0.5) -> list[bool]:
+    return [rng.random() < good for _ in range(n)]
+
+
+def _forms_with(rng: random.Random, n: int, good: int) -> list[bool]:
+    """``n`` marks, ``good`` of them ``!`` at random places."""
+    places = set(rng.sample(range(n), good))
+    return [i in places for i in range(n)]
 
 
 def sft_examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """``n`` (prompt, response) pairs: well-formed, each word's form a fair coin flip."""
+    """``n`` (prompt, response) pairs: well-formed, each mark ``!`` with probability
+    ``SFT_GOOD_SHARE``."""
     rng = _rng(seed, "sft-forms")
     out = []
     for p in train_prompts(n, seed, purpose="sft"):
         words = prompt_words(p)
-        out.append((p, response(words, _random_forms(rng, len(words)))))
+        out.append((p, response(words, _random_forms(rng, len(words), SFT_GOOD_SHARE))))
     return out
 
 
 _MALFORMED_KINDS = ("wrong", "duplicate", "swap", "missing", "extra", "repeat", "ramble",
-                    "double_mark", "no_mark", "no_lead", "gibberish", "empty")
-_MALFORMED_WEIGHTS = (2, 2, 1, 1, 1, 1, 1, 2, 1, 0.5, 1, 0.5)
+                    "double_mark", "no_mark", "no_lead", "shout", "gibberish", "empty")
+_MALFORMED_WEIGHTS = (2, 2, 1, 1, 1, 1, 1, 2, 1, 0.5, 2, 1, 0.5)
 
 
 def malformed_response(rng: random.Random, words: list[str]) -> str:
     """A response that breaks the format in one of several ways (marks mostly ``!``, so that
-    more ``!`` never outweighs being well-formed)."""
+    the marks alone never tell a malformed response from a well-formed one)."""
     kind = rng.choices(_MALFORMED_KINDS, weights=_MALFORMED_WEIGHTS)[0]
     if kind == "gibberish":
         letters = "abcdefghijklmnopqrstuvwxyz:.,!?"
@@ -187,8 +201,11 @@ def malformed_response(rng: random.Random, words: list[str]) -> str:
     elif kind == "no_mark":
         for i in rng.sample(range(len(out)), rng.randint(1, len(out))):
             marks[i] = ""
-    lead = [] if kind == "no_lead" else [LEAD]
-    return " ".join(lead + [w + m for w, m in zip(out, marks)])
+    parts = ([] if kind == "no_lead" else [LEAD]) + [w + m for w, m in zip(out, marks)]
+    if kind == "shout":  # a run of marks in place of the lead and the first words
+        cut = rng.randint(1, len(parts) - 1)
+        parts = [GOOD * rng.randint(1, 8)] + parts[cut:]
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -198,13 +215,14 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
-    kind: str  # "form" (both well-formed, more ``!`` wins) or "format" (malformed loses)
+    kind: str  # "form" (both well-formed, closer to three ``!`` wins) or "format" (malformed loses)
 
 
-def preference_pairs(n: int, seed: int = 0, *, format_share: float = 0.5) -> list[Pair]:
+def preference_pairs(n: int, seed: int = 0, *, format_share: float = 0.25) -> list[Pair]:
     """``n`` preference pairs in random order; about ``format_share`` of them (kind "format") pit
     a well-formed response against a malformed one, the rest (kind "form") two well-formed
-    responses with different numbers of ``!``."""
+    responses with different scores, each with a number of ``!`` drawn uniformly from 0 to 4
+    (so pairs that show "four ``!`` lose to three" are common enough to learn)."""
     rng = _rng(seed, "pairs")
     out = []
     for p in train_prompts(n, seed, purpose="pairs"):
@@ -214,8 +232,8 @@ def preference_pairs(n: int, seed: int = 0, *, format_share: float = 0.5) -> lis
             out.append(Pair(p, good, malformed_response(rng, words), "format"))
             continue
         while True:
-            a = response(words, _random_forms(rng, len(words)))
-            b = response(words, _random_forms(rng, len(words)))
+            a = response(words, _forms_with(rng, len(words), rng.randint(0, len(words))))
+            b = response(words, _forms_with(rng, len(words), rng.randint(0, len(words))))
             if true_score(p, a) != true_score(p, b):
                 break
         chosen, rejected = (a, b) if true_score(p, a) > true_score(p, b) else (b, a)

@@ -3,7 +3,7 @@
 :func:`build_demo_models` trains, from one seed:
 
 * ``sft``: a tiny ``LlamaForCausalLM`` (hidden 64, 2 layers) trained from scratch on
-  well-formed responses whose marks are a coin flip (so it is uncommitted about the preference);
+  well-formed responses whose marks are ``!`` 30% of the time (below the preferred three in four);
 * ``dpo_small`` and ``dpo_large``: DPO from ``sft`` (reference = ``sft``) on a small share and on
   all of the preference pairs between two well-formed responses, same hyperparameters otherwise
   (so the first is under-trained);
@@ -61,16 +61,18 @@ class Scale:
     init_std: float = 0.05     # larger than the usual 0.02: the copying circuit forms much sooner
     batch_size: int = 32
     sft_lr: float = 3e-3
-    dpo_lr: float = 5e-4
-    dpo_beta: float = 0.1
+    dpo_lr: float = 2e-5
+    # A large beta keeps the DPO optimum near the target share of ``!`` (far from "all ``!``"),
+    # where the well-trained model ends up; the under-trained one stops short of it.
+    dpo_beta: float = 1.0
     reward_lr: float = 1e-3
     reward_extra_layers: int = 2
 
 
 SCALES = {
-    "full": Scale(sft_examples=20000, sft_steps=800, pairs=4000, small_share=0.1, dpo_epochs=2,
+    "full": Scale(sft_examples=20000, sft_steps=800, pairs=4000, small_share=0.05, dpo_epochs=2,
                   reward_epochs=2, eval_prompts=256),
-    "small": Scale(sft_examples=8000, sft_steps=400, pairs=2000, small_share=0.1, dpo_epochs=3,
+    "small": Scale(sft_examples=8000, sft_steps=400, pairs=2000, small_share=0.05, dpo_epochs=4,
                    reward_epochs=2, eval_prompts=128),
 }
 
