@@ -52,13 +52,17 @@ class _Options:
 
     @classmethod
     def from_params(cls, params: dict, **overrides):
-        """The object from a click command's parameters; removes its own from ``params``."""
+        """The object from a click command's parameters; removes its own from ``params``. Values the
+        object refuses together (e.g. ``--top-p 0``) are a usage error."""
         values = {}
         for f in cls.flags():
             if f.name in params:
                 value = params.pop(f.name)
                 values[f.name] = tuple(value) if isinstance(value, (list, tuple)) else value
-        return cls(**{**values, **overrides})
+        try:
+            return cls(**{**values, **overrides})
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,10 +156,10 @@ class PromptOptions(_Options):
     field: str | None = _option(
         None, "--prompt-field", spec="field",
         help="Field holding the prompt (default: prompt, instruction, question, or the first user turn of messages).")
-    limit: int | None = _option(None, "--limit", type=click.IntRange(1), spec="limit", help="Use only the first N "
-                                                                                            "prompts.")
-    sample: int | None = _option(None, "--sample", type=click.IntRange(1), spec="sample", help="Use a random sample of "
-                                                                                               "N prompts.")
+    limit: int | None = _option(
+        None, "--limit", type=click.IntRange(1), spec="limit", help="Use only the first N prompts.")
+    sample: int | None = _option(
+        None, "--sample", type=click.IntRange(1), spec="sample", help="Use a random sample of N prompts.")
     sample_seed: int = _option(0, "--sample-seed", type=int, spec="seed", help="Seed of --sample.")
 
     def load(self):

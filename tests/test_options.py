@@ -125,3 +125,15 @@ def test_an_unknown_option_is_named():
 
     with pytest.raises(TypeError, match="scale_rules"):
         expo_ray.api.make_plan("/nowhere/sft", "/nowhere/aligned", [0.5], scale_rules=["x"])
+
+
+def test_values_an_object_refuses_together_are_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    pytest.importorskip("vllm")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    result = CliRunner().invoke(main, ["evaluate", "--variants", str(tmp_path / "v"), "--prompts", str(prompts),
+                                       "--reward-model", str(tmp_path / "rm"), "--top-p", "0"])
+    assert result.exit_code == 2 and "top_p must be in (0, 1], got 0.0" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

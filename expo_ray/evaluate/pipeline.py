@@ -20,14 +20,13 @@ from ..errors import ExpoError
 from ..identity import checkpoint_identity, evaluation_id, generation_key, reward_key
 from ..options import EngineOptions, SamplingOptions
 from ..plan import format_alpha
-from ..ray_runtime import ensure_ray, task_options
+from ..ray_runtime import ensure_ray
 from ..storage import Storage, open_storage
 from .aggregate import Scored, summarize
 from .engine.actors import (
     ENGINE_LOGS_ENV,
-    engine_kwargs,
-    generation_kwargs,
     plan_for,
+    start_generation_actor,
     start_reward_actor,
     stop,
 )
@@ -49,19 +48,13 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, engine: EngineOpti
     Without it every model gets a new engine. By default as many engines run as the cluster holds
     can grow to with swapping, one per model without (Ray queues what does not fit).
     """
-    from .engine.actors import generation_actor
-
-    placement = plan.generation
-    kwargs = dict(engine_kwargs(placement, engine), max_model_len=engine.max_model_len, swappable=swap,
-                  **generation_kwargs(engine))
     n_engines = plan.engines if swap else max(1, min(len(todo), engine.max_engines or len(todo)))
     queue, running, began, started = list(todo), {}, {}, []
 
     def start(m: ModelRef):
         started.append(m)
         log_uri = f"{log_dir}/generation-{len(started)}.log" if log_dir else None
-        return generation_actor().options(**task_options(**placement.actor_options)).remote(
-            m.uri, m.identity, log_uri=log_uri, **kwargs)
+        return start_generation_actor(m.uri, m.identity, engine, plan.generation, swappable=swap, log_uri=log_uri)
 
     def submit(m: ModelRef, actor, swap: bool) -> None:
         served = actor.serve.remote(m.uri, m.identity) if swap else None

@@ -23,9 +23,8 @@ import time
 from ..errors import ExpoError
 from ..evaluate.engine.actors import (
     ENGINE_LOGS_ENV,
-    engine_kwargs,
-    generation_kwargs,
     plan_for,
+    start_generation_actor,
     start_reward_actor,
     stop,
 )
@@ -39,7 +38,7 @@ from ..identity import checkpoint_identity
 from ..manifest import verify_variant
 from ..options import EngineOptions, PlanOptions, SamplingOptions, SearchOptions
 from ..plan import make_plan, variant_name
-from ..ray_runtime import ensure_ray, task_options
+from ..ray_runtime import ensure_ray
 from ..storage import open_storage
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
 
@@ -72,18 +71,14 @@ class _Evaluator:
             self._generator(), self._scorer()
 
     def _generator(self):
-        from ..evaluate.engine.actors import generation_actor
-
         if self.generator is None:
             if self.scorer is not None and self.time_share:
                 stop(self.ray, self.scorer)
                 self.scorer = None
-            placement, aligned = self.placement.generation, self.aligned
-            self.generator = generation_actor().options(**task_options(**placement.actor_options)).remote(
-                aligned, checkpoint_identity(aligned) if "://" in aligned else None, swappable=True,
-                log_uri=self._log_uri("generation"),
-                max_model_len=self.engine.max_model_len, **engine_kwargs(placement, self.engine),
-                **generation_kwargs(self.engine))
+            aligned = self.aligned
+            self.generator = start_generation_actor(
+                aligned, checkpoint_identity(aligned) if "://" in aligned else None, self.engine,
+                self.placement.generation, swappable=True, log_uri=self._log_uri("generation"))
             self.serving, self.engine_starts = None, self.engine_starts + 1
         return self.generator
 

@@ -30,8 +30,8 @@ from ...ray_runtime import task_options
 from ..models import local_copy, local_path, release_copy
 from .vllm_engine import Generation, GenerationEngine, RewardEngine, vllm_version
 
-__all__ = ["GenerationActor", "RewardActor", "engine_kwargs", "generation_actor", "generation_kwargs", "plan_for",
-           "reward_actor", "start_reward_actor", "stop"]
+__all__ = ["GenerationActor", "RewardActor", "generation_actor", "plan_for", "reward_actor", "start_generation_actor",
+           "start_reward_actor", "stop"]
 
 
 ENGINE_LOGS_ENV = "EXPO_RAY_ENGINE_LOGS"  # "live": engine output stays on the console (expo-ray -v)
@@ -201,15 +201,20 @@ def plan_for(ray, engine: EngineOptions, models: int = 1):
                         max_engines=engine.max_engines, models=models)
 
 
-def engine_kwargs(placement, engine: EngineOptions) -> dict:
+def _engine_kwargs(placement, engine: EngineOptions) -> dict:
     """What every engine gets: the placement's tensor parallelism and executor, trust and dtype."""
     kwargs = {k: v for k, v in placement.engine_kwargs().items() if v is not None}
     return {**kwargs, "trust_remote_code": engine.trust_remote_code, "dtype": engine.dtype}
 
 
-def generation_kwargs(engine: EngineOptions) -> dict:
-    """What generation engines get beyond placement: a chat template override when there is one."""
-    return {"chat_template": engine.chat_template} if engine.chat_template else {}
+def start_generation_actor(model_uri: str, identity: str | None, engine: EngineOptions, placement, *,
+                           swappable: bool, log_uri: str | None = None):
+    """A generation actor serving ``model_uri`` (``identity`` names a remote one's local copy), with
+    the engine options' context length and chat template; its engine's output goes to ``log_uri``."""
+    template = {"chat_template": engine.chat_template} if engine.chat_template else {}
+    return generation_actor().options(**task_options(**placement.actor_options)).remote(
+        model_uri, identity, log_uri=log_uri, max_model_len=engine.max_model_len, swappable=swappable,
+        **_engine_kwargs(placement, engine), **template)
 
 
 def start_reward_actor(reward_model: str, engine: EngineOptions, placement, log_uri: str | None = None):
@@ -217,7 +222,7 @@ def start_reward_actor(reward_model: str, engine: EngineOptions, placement, log_
     engine's output goes to ``log_uri`` when given."""
     return reward_actor().options(**task_options(**placement.actor_options)).remote(
         reward_model, checkpoint_identity(reward_model) if "://" in reward_model else None, log_uri=log_uri,
-        **engine_kwargs(placement, engine))
+        **_engine_kwargs(placement, engine))
 
 
 def stop(ray, actor) -> None:
