@@ -1,4 +1,4 @@
-"""Builds the optional C kernel (expo_ray._kernel); everything else is in pyproject.toml.
+"""Builds the optional C kernel (expo_ray.extrapolation._kernel); everything else is in pyproject.toml.
 
 If the C compiler is missing the build still succeeds and expo-ray falls back to its
 exact NumPy kernel (slower, same results).
@@ -24,8 +24,8 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "expo_ray._kernel",
-            sources=["expo_ray/_kernel.c"],
+            "expo_ray.extrapolation._kernel",
+            sources=["expo_ray/extrapolation/_kernel.c"],
             extra_compile_args=["-O3", "-std=c11", "-fno-fast-math", "-ffp-contract=off"],
         )
     ],

@@ -80,8 +80,8 @@ def bench_hub(args, work: Path) -> None:
 
 def bench_swap(args, work: Path) -> None:
     from expo_ray.demo.tiny import build_tiny_pair
-    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
-    from expo_ray.evaluate.engine.weight_swap import extrapolated_source
+    from expo_ray.evaluation.engine.vllm_engine import GenerationEngine
+    from expo_ray.evaluation.engine.weight_swap import extrapolated_source
 
     sft, aligned = build_tiny_pair(work / "swap-pair", dtype="float32", delta_scale=0.3, seed=3,
                                    num_hidden_layers=args.layers, hidden_size=args.hidden,
@@ -116,8 +116,8 @@ def bench_cache(args, work: Path, s3) -> None:
 
     from expo_ray.api import extrapolate
     from expo_ray.demo.tiny import build_tiny_pair
-    from expo_ray.evaluate.model_cache import ModelCache
-    from expo_ray.evaluate.models import models_to_evaluate
+    from expo_ray.evaluation.model_cache import ModelCache
+    from expo_ray.evaluation.models import models_to_evaluate
 
     alphas = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
     sft, aligned = build_tiny_pair(work / "cache-pair", num_hidden_layers=args.cache_layers, hidden_size=512,

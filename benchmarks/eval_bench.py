@@ -36,8 +36,8 @@ def main() -> None:
 
     from expo_ray.demo.tiny import build_tiny_pair
     from expo_ray.demo.tiny_reward import build_tiny_reward_model
-    from expo_ray.evaluate.engine.actors import generation_actor, reward_actor
-    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine, RewardEngine
+    from expo_ray.evaluation.engine.actors import generation_actor, reward_actor
+    from expo_ray.evaluation.engine.vllm_engine import GenerationEngine, RewardEngine
     from expo_ray.options import SamplingOptions
 
     work = Path(tempfile.mkdtemp(prefix="expo-eval-bench-"))

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/finite_check_bench.py [--elements 16777216] [--alphas 0.1,0.2,0.3,0.4,0.5] [--rounds 7]
 
 Times, on one chunk of random bf16 weights, the correctly rounded kernel (all alphas) and
-`expo_ray.finite.check_chunk` (both inputs' largest magnitudes; outputs are scanned only when that
+`expo_ray.extrapolation.finite.check_chunk` (both inputs' largest magnitudes; outputs are scanned only when that
 bound nears the dtype's range, which it never does here), interleaved, and prints the median and
 minimum of each and their ratio.
 """
@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from expo_ray import kernel
-from expo_ray.finite import check_chunk
+from expo_ray.extrapolation import kernel
+from expo_ray.extrapolation.finite import check_chunk
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 
 * ``sha256``: hashlib (what Hub LFS pointers hold; expo-ray computes it only with ``--sha256``);
 * ``blake3``: the blake3 package, one thread, the whole buffer at once;
-* ``blake3 16 MiB tree``: expo-ray's default record (``expo_ray.hashing.RangeHash``: BLAKE3 of each
+* ``blake3 16 MiB tree``: expo-ray's default record (``expo_ray.checkpoint.hashing.RangeHash``: BLAKE3 of each
   16 MiB block, then of the concatenated digests), fed in 4 MiB writes as a task feeds it.
 
 Rounds are interleaved (every method once per round) and the table gives the median and the best:
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from blake3 import blake3
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from expo_ray import hashing  # noqa: E402
+from expo_ray.checkpoint import hashing  # noqa: E402
 
 
 def tree(data: memoryview) -> None:

@@ -3,7 +3,7 @@
 
 Compares, on a synthetic DPO-like bf16 pair (SFT ~ N(0, 0.02), aligned = SFT + N(0, 0.001)):
 
-* ``C kernel``: ``expo_ray.kernel`` C backend, all alphas in one call (correctly rounded);
+* ``C kernel``: ``expo_ray.extrapolation.kernel`` C backend, all alphas in one call (correctly rounded);
 * ``NumPy kernel``: the exact pure-NumPy fallback (correctly rounded);
 * ``torch bf16``: ``a1 + alpha * (a1 - a0)`` in bf16 tensors, eager (every step rounds: NOT
   correctly rounded; what the ExPO paper's script does);
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from expo_ray import kernel  # noqa: E402
+from expo_ray.extrapolation import kernel  # noqa: E402
 
 CHUNK = 1 << 20  # elements per torch chunk (bounded temporaries, like the real pipeline)
 

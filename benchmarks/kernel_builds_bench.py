@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: builds of the C kernel against each other, in interleaved rounds.
 
-Each build is compiled here from a source file (this tree's ``expo_ray/_kernel.c``, or one from git,
-e.g. ``git show main:expo_ray/_kernel.c > /tmp/main_kernel.c``) with optional extra compiler flags
+Each build is compiled here from a source file (this tree's ``expo_ray/extrapolation/_kernel.c``, or one from git,
+e.g. ``git show main:expo_ray/extrapolation/_kernel.c > /tmp/main_kernel.c``) with optional extra compiler flags
 (``-DEXPO_NO_CLONES -march=x86-64-v3`` builds the AVX2/FMA path alone, whatever the CPU offers).
 Every round runs every build once, each in a fresh process, on the same synthetic DPO-like bf16
 pair (16M elements, alphas 0.1-0.5 in one call); the table gives the median and best CPU time per
@@ -10,8 +10,8 @@ element per alpha. On a shared machine compare the builds inside one table only.
 
     .venv/bin/python benchmarks/kernel_builds_bench.py \\
         --build "main AVX2=/tmp/main_kernel.c:-DEXPO_NO_CLONES -march=x86-64-v3" \\
-        --build "this AVX2=expo_ray/_kernel.c:-DEXPO_NO_CLONES -march=x86-64-v3" \\
-        --build "main=/tmp/main_kernel.c" --build "this=expo_ray/_kernel.c"
+        --build "this AVX2=expo_ray/extrapolation/_kernel.c:-DEXPO_NO_CLONES -march=x86-64-v3" \\
+        --build "main=/tmp/main_kernel.c" --build "this=expo_ray/extrapolation/_kernel.c"
 """
 from __future__ import annotations
 

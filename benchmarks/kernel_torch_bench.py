@@ -1,4 +1,4 @@
-"""theta(alpha) with expo_ray.kernel_torch (torch float64 ops, on a GPU when there is one) against
+"""theta(alpha) with expo_ray.extrapolation.kernel_torch (torch float64 ops, on a GPU when there is one) against
 the C kernel: same result bits, and time per element.
 
 DPO-like bf16 weights (aligned = sft + a small relative change), one alpha. Prints a markdown
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from expo_ray import kernel, kernel_torch  # noqa: E402
+from expo_ray.extrapolation import kernel, kernel_torch  # noqa: E402
 
 
 def main() -> None:
@@ -54,9 +54,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print("| method | device | elements | seconds | ns per element | bits differing from the C kernel |")
     print("|---|---|---:|---:|---:|---:|")
-    print(f"| C kernel (`expo_ray.kernel`) | CPU, 1 thread | {args.elements:,} | {c_s:.3f} | "
+    print(f"| C kernel (`expo_ray.extrapolation.kernel`) | CPU, 1 thread | {args.elements:,} | {c_s:.3f} | "
           f"{c_s / args.elements * 1e9:.2f} | - |")
-    print(f"| torch (`expo_ray.kernel_torch`), best of {args.repeat} | {name} | {args.elements:,} | {best:.3f} | "
+    print(f"| torch (`expo_ray.extrapolation.kernel_torch`), best of {args.repeat} | {name} | {args.elements:,} | "
+          f"{best:.3f} | "
           f"{best / args.elements * 1e9:.2f} | {differ} |")
     sys.exit(1 if differ else 0)
 

@@ -86,7 +86,7 @@ def main() -> None:
         aligned_bytes = sum(p.stat().st_size for p in Path(aligned_dir).iterdir())
         shutil.rmtree(work / "pair")
 
-        from expo_ray.ray_runtime import note_worker_env
+        from expo_ray.cluster.ray_runtime import note_worker_env
 
         env = dict(os.environ)
         # The AWS CLI runs at normal priority; Ray lowers its workers' (nice 15), which on a machine

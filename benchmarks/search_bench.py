@@ -29,10 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
-    from expo_ray.evaluate.pipeline import evaluate_variants
-    from expo_ray.evaluate.prompts import load_prompts
+    from expo_ray.alpha_search.driver import materialize, search_alpha
+    from expo_ray.evaluation.pipeline import evaluate_variants
+    from expo_ray.evaluation.prompts import load_prompts
     from expo_ray.options import EngineOptions, SamplingOptions, SearchOptions
-    from expo_ray.search.driver import materialize, search_alpha
 
     summary = json.loads((Path(args.workdir) / "demo-summary.json").read_text())
     prompts = load_prompts(summary["models"]["prompts"])

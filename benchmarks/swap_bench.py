@@ -76,12 +76,11 @@ def main() -> None:
     import vllm  # noqa: F401 - imported before any clock starts, for both methods alike
 
     from expo_ray.api import extrapolate
+    from expo_ray.cluster.ray_runtime import ensure_ray
     from expo_ray.demo.tiny import build_tiny_pair
-    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
-    from expo_ray.evaluate.engine.weight_swap import extrapolated_source
-    from expo_ray.options import SamplingOptions
-    from expo_ray.plan import variant_name
-    from expo_ray.ray_runtime import ensure_ray
+    from expo_ray.evaluation.engine.vllm_engine import GenerationEngine
+    from expo_ray.evaluation.engine.weight_swap import extrapolated_source
+    from expo_ray.options import SamplingOptions, variant_name
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="expo-swap-bench-"))
     work.mkdir(parents=True, exist_ok=True)

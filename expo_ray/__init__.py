@@ -8,36 +8,39 @@ The Python API (for notebooks and scripts) runs the same steps as the `expo-ray`
     report = expo_ray.evaluate(out, prompts, reward_model)         # report["best"]["alpha"]
     report = expo_ray.search(sft, aligned, prompts, reward_model, out=out2)
 
-Their arguments are documented in expo_ray.api (load_prompts: expo_ray.evaluate.prompts).
-`expo_ray.extrapolate`, `expo_ray.evaluate` and `expo_ray.search` are also the modules of those
-names: calling them runs the API function. Importing the package stays cheap; each call imports what it needs.
+These are plain functions; their arguments are documented in :mod:`expo_ray.api`. Importing the
+package stays cheap: each call imports what it needs. The packages, one per stage of the pipeline,
+are described in docs/ARCHITECTURE.md.
 """
-import importlib
-import types
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 
-class CallableModule(types.ModuleType):
-    """A module that, called, runs the expo_ray.api function of its own name."""
+def extrapolate(sft, aligned, alphas, out, **options):
+    """One committed variant folder per alpha under ``out`` (see :func:`expo_ray.api.extrapolate`)."""
+    from . import api
 
-    def __call__(self, *args, **kwargs):
-        from . import api
+    return api.extrapolate(sft, aligned, alphas, out, **options)
 
-        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+def evaluate(variants, prompts, reward_model, **options):
+    """Generate, score and report every variant under ``variants`` (see :func:`expo_ray.api.evaluate`)."""
+    from . import api
+
+    return api.evaluate(variants, prompts, reward_model, **options)
+
+
+def search(sft, aligned, prompts, reward_model, **options):
+    """Adaptive alpha search on one engine (see :func:`expo_ray.api.search`)."""
+    from . import api
+
+    return api.search(sft, aligned, prompts, reward_model, **options)
 
 
 def load_prompts(spec, **options):
-    """A prompt set: "ultrafeedback", "alpaca_eval" or a file (see expo_ray.evaluate.prompts.load_prompts)."""
-    from .evaluate.prompts import load_prompts as load
+    """A prompt set: "ultrafeedback", "alpaca_eval" or a file (see :func:`expo_ray.evaluation.prompts.load_prompts`)."""
+    from .evaluation.prompts import load_prompts as load
 
     return load(spec, **options)
-
-
-def __getattr__(name):
-    if name in ("extrapolate", "evaluate", "search"):  # first use, before anything imported the module
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["__version__", "extrapolate", "evaluate", "search", "load_prompts"]

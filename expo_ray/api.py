@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .extrapolate import ExtrapolationResult, run_plan
+from .extrapolation.plan import Plan, make_plan as _make_plan
 from .options import EngineOptions, PlanOptions, SamplingOptions, SearchOptions, WriteOptions
-from .plan import Plan, make_plan as _make_plan
+from .publish.run import ExtrapolationResult, run_plan
 
 
 def _split(options: dict, *classes) -> list:
@@ -45,8 +45,8 @@ def evaluate(variants: str, prompts, reward_model: str, *, out: str | None = Non
     "alpaca_eval", a file). `sampling`: SamplingOptions fields (default: the ExPO paper's).
     `engine`: EngineOptions fields (tp, reward_tp, max_model_len, dtype, trust_remote_code, ...).
     """
-    from .evaluate.pipeline import evaluate_variants
-    from .evaluate.prompts import load_prompts
+    from .evaluation.pipeline import evaluate_variants
+    from .evaluation.prompts import load_prompts
 
     prompts = load_prompts(prompts) if isinstance(prompts, str) else prompts
     return evaluate_variants(variants, prompts, reward_model, sampling=SamplingOptions.from_dict(sampling),
@@ -61,8 +61,8 @@ def search(sft: str, aligned: str, prompts, reward_model: str, *, out: str, alph
     """Adaptive alpha search on one engine that swaps weights in place (report under `out`/search);
     with `materialize`, the best alpha is then written and verified under `out`. Returns the
     report, with "materialized": the variant URIs written. `plan_options`: PlanOptions fields."""
-    from .evaluate.prompts import load_prompts
-    from .search.driver import materialize as write_variants, search_alpha
+    from .alpha_search.driver import materialize as write_variants, search_alpha
+    from .evaluation.prompts import load_prompts
 
     prompts = load_prompts(prompts) if isinstance(prompts, str) else prompts
     settings = SearchOptions(budget=budget, initial_prompts=initial_prompts,

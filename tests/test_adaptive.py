@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from expo_ray.search.adaptive import _refinements, adaptive_search, default_budget, point_stats
+from expo_ray.alpha_search.adaptive import _refinements, adaptive_search, default_budget, point_stats
 
 
 def noisy_rewards(peak: float, noise: float = 1.0, n_prompts: int = 256, seed: int = 0):

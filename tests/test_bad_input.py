@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from helpers import write_checkpoint
 
 from expo_ray.cli import main
-from expo_ray.manifest import find_variants, verify_variant
+from expo_ray.publish.manifest import find_variants, verify_variant
 from expo_ray.storage import LocalStorage
 
 EXPO = str(Path(sys.executable).with_name("expo-ray"))

@@ -14,7 +14,7 @@ from helpers import upload_folder
 from expo_ray.api import extrapolate, make_plan
 from expo_ray.cli import main
 from expo_ray.errors import StorageError
-from expo_ray.manifest import verify_variant
+from expo_ray.publish.manifest import verify_variant
 from expo_ray.storage import LocalStorage
 
 ALPHA = "0.5"

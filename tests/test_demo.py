@@ -129,11 +129,11 @@ def _rewards(jsonl: bytes) -> list[float]:
 
 
 def test_adaptive_search_matches_the_grid_with_half_the_generations(demo_run, ray_local, tmp_path):
-    from expo_ray.evaluate.pipeline import evaluate_variants
-    from expo_ray.evaluate.prompts import load_prompts
-    from expo_ray.evaluate.selection import select_alpha
+    from expo_ray.alpha_search.driver import materialize, search_alpha
+    from expo_ray.evaluation.pipeline import evaluate_variants
+    from expo_ray.evaluation.prompts import load_prompts
+    from expo_ray.evaluation.selection import select_alpha
     from expo_ray.options import EngineOptions, SamplingOptions, SearchOptions
-    from expo_ray.search.driver import materialize, search_alpha
     from expo_ray.storage import open_storage
 
     workdir, _ = demo_run

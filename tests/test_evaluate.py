@@ -11,8 +11,8 @@ import torch  # noqa: E402
 
 from expo_ray.api import extrapolate  # noqa: E402
 from expo_ray.errors import ExpoError  # noqa: E402
-from expo_ray.evaluate.pipeline import evaluate_variants  # noqa: E402
-from expo_ray.evaluate.prompts import load_prompts  # noqa: E402
+from expo_ray.evaluation.pipeline import evaluate_variants  # noqa: E402
+from expo_ray.evaluation.prompts import load_prompts  # noqa: E402
 from expo_ray.options import EngineOptions, SamplingOptions  # noqa: E402
 
 SAMPLING = SamplingOptions(max_tokens=12)  # the paper's sampling, shorter answers
@@ -44,7 +44,7 @@ def test_generation_scoring_report_and_cache(setting):
     out = root / "eval"
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The recommended alpha is the selection rule applied to the per-prompt rewards written out.
-    from expo_ray.evaluate.selection import select_alpha
+    from expo_ray.evaluation.selection import select_alpha
 
     per_prompt = {a: [json.loads(line)["reward"]
                       for line in (out / "responses" / f"alpha_{a}.jsonl").read_text().splitlines()]
@@ -109,7 +109,7 @@ def test_bad_inputs_are_refused_before_any_engine(setting, tmp_path):
 def test_prompts_longer_than_the_context_are_skipped_and_counted_or_refused(setting):
     import dataclasses
 
-    from expo_ray.evaluate.prompts import Prompt
+    from expo_ray.evaluation.prompts import Prompt
 
     root, reward, prompts = setting
     long = Prompt("too-long", "Tell me about " + "the weather and " * 200)

@@ -8,7 +8,7 @@ from reference import reference
 
 from expo_ray.api import extrapolate
 from expo_ray.errors import ExpoError
-from expo_ray.manifest import verify_variant
+from expo_ray.publish.manifest import verify_variant
 from expo_ray.storage import LocalStorage
 
 ALPHAS = (0.0, 0.1, 0.5, 2.0)

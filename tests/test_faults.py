@@ -15,7 +15,7 @@ from helpers import local_files, make_bucket, s3_files, shards_only, upload_fold
 
 from expo_ray.api import extrapolate
 from expo_ray.errors import ExpoError
-from expo_ray.manifest import verify_variant
+from expo_ray.publish.manifest import verify_variant
 from expo_ray.storage import open_storage
 
 EXPO = str(Path(sys.executable).with_name("expo-ray"))

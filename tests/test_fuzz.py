@@ -17,9 +17,10 @@ import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from expo_ray.checkpoint.folder import MANIFEST_FILE
+from expo_ray.checkpoint.safetensors_io import ITEMSIZE, encode_header
 from expo_ray.cli import main
-from expo_ray.manifest import FORMAT, MANIFEST_FILE, file_record, find_variants, verify_variant
-from expo_ray.safetensors_io import ITEMSIZE, encode_header
+from expo_ray.publish.manifest import FORMAT, file_record, find_variants, verify_variant
 from expo_ray.storage import LocalStorage
 
 EXAMPLE_TIMEOUT_S = 20

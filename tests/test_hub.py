@@ -154,7 +154,7 @@ def test_gated_model_needs_hf_token(online, many_shard_pair, monkeypatch):
 
 
 def test_evaluation_snapshots_take_only_what_vllm_loads(online, many_shard_pair, tmp_path):
-    from expo_ray.evaluate.models import local_copy, model_config
+    from expo_ray.evaluation.models import local_copy, model_config
 
     _, aligned = many_shard_pair
     repo = tmp_path / "llama3-like"

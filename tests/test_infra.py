@@ -913,7 +913,7 @@ def test_cli_check_rejects_bad_options():
 
 def test_sweep_spec_configmap_is_a_valid_sweep_spec():
     """The sweep.yaml shipped in the ConfigMap parses with expo-ray's own spec parser."""
-    from expo_ray.sweep_spec import parse_spec
+    from expo_ray.sweep.spec import parse_spec
 
     config_map = _the("ConfigMap", "kuberay/sweep-spec.yaml").obj
     spec = parse_spec(config_map["data"]["sweep.yaml"], "infra/kuberay/sweep-spec.yaml:sweep.yaml")

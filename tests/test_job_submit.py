@@ -7,7 +7,7 @@ import pytest
 from helpers import make_bucket, upload_folder
 from ray_head import BIN, RayHead
 
-from expo_ray.manifest import verify_variant
+from expo_ray.publish.manifest import verify_variant
 from expo_ray.storage import open_storage
 
 TIMEOUT_S = 420

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from expo_ray import kernel
+from expo_ray.extrapolation import kernel
 
 # ----------------------------------------------------------------------------------------------
 # independent reference
@@ -110,7 +110,7 @@ def is_nan_bits(dtype, bits):
 
 BACKENDS = ["numpy", "c", "torch"]
 C_MISSING = None if kernel._ckernel is not None else (
-    f"C extension expo_ray._kernel is not built ({kernel._C_IMPORT_ERROR}); "
+    f"C extension expo_ray.extrapolation._kernel is not built ({kernel._C_IMPORT_ERROR}); "
     "run `python setup.py build_ext --inplace` to test it")
 
 
@@ -126,8 +126,8 @@ def run(backend, dtype, a1, a0, alphas):
 
 
 def _torch_into(dtype, a1, a0, alphas, outs):
-    """expo_ray.kernel_torch on CPU tensors (the computation a GPU engine would run on its device)."""
-    from expo_ray import kernel_torch
+    """expo_ray.extrapolation.kernel_torch on CPU tensors (the computation a GPU engine would run on its device)."""
+    from expo_ray.extrapolation import kernel_torch
 
     signed = {2: np.int16, 4: np.int32, 8: np.int64}[a1.itemsize]
     t1, t0 = torch.from_numpy(a1.view(signed).copy()), torch.from_numpy(a0.view(signed).copy())
@@ -418,8 +418,8 @@ def test_read_only_inputs_are_fine():
 
 def _backend_in_subprocess(env_value, hide_c=False):
     code = ("import sys\n"
-            + ("sys.modules['expo_ray._kernel'] = None\n" if hide_c else "")
-            + "from expo_ray import kernel\nprint(kernel.backend())\n")
+            + ("sys.modules['expo_ray.extrapolation._kernel'] = None\n" if hide_c else "")
+            + "from expo_ray.extrapolation import kernel\nprint(kernel.backend())\n")
     env = dict(os.environ, EXPO_RAY_KERNEL=env_value)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__))))
@@ -540,7 +540,7 @@ def test_large_calls_equal_small_calls(dtype):
 
 _COMPACTION_CODE = """
 import hashlib, numpy as np
-from expo_ray import kernel
+from expo_ray.extrapolation import kernel
 rng = np.random.default_rng(16)
 h = hashlib.sha256()
 for dtype in ("BF16", "F16"):

@@ -1,4 +1,4 @@
-"""The bounded local model cache (expo_ray.evaluate.model_cache) with tiny variants in a real S3
+"""The bounded local model cache (expo_ray.evaluation.model_cache) with tiny variants in a real S3
 server: the cap holds over a sweep, least recently used models go first, models an engine process
 uses stay, and a model that cannot fit is refused with one line."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from helpers import make_bucket, upload_folder
 
 from expo_ray.api import extrapolate
-from expo_ray.evaluate.model_cache import COMPLETE, LEASES, CacheFull, ModelCache
-from expo_ray.evaluate.models import local_copy, models_to_evaluate
+from expo_ray.evaluation.model_cache import COMPLETE, LEASES, CacheFull, ModelCache
+from expo_ray.evaluation.models import local_copy, models_to_evaluate
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 

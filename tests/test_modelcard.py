@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 
 from expo_ray.api import extrapolate, make_plan
-from expo_ray.modelcard import MERGEKIT_FILE, mergekit_config, model_card
+from expo_ray.publish.modelcard import MERGEKIT_FILE, mergekit_config, model_card
 
 SOURCE_CARD = """---
 license: apache-2.0

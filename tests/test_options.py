@@ -6,15 +6,8 @@ import click
 import pytest
 
 from expo_ray.cli import main
-from expo_ray.options import (
-    EngineOptions,
-    PlanOptions,
-    PromptOptions,
-    SamplingOptions,
-    SearchOptions,
-    WriteOptions,
-)
-from expo_ray.sweep_spec import SpecError, parse_spec
+from expo_ray.options import EngineOptions, PlanOptions, PromptOptions, SamplingOptions, SearchOptions, WriteOptions
+from expo_ray.sweep.spec import SpecError, parse_spec
 
 COMMANDS = {  # command -> the options objects whose flags it has
     "extrapolate": (PlanOptions, WriteOptions),

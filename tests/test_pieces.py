@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from helpers import make_bucket
 
-from expo_ray import hashing, kernel, pieces
 from expo_ray.api import make_plan
-from expo_ray.extrapolate import run_plan
-from expo_ray.manifest import verify_variant
+from expo_ray.checkpoint import hashing
+from expo_ray.checkpoint.safetensors_io import encode_header
+from expo_ray.extrapolation import kernel, pieces
 from expo_ray.options import WriteOptions
-from expo_ray.safetensors_io import encode_header
+from expo_ray.publish.manifest import verify_variant
+from expo_ray.publish.run import run_plan
 from expo_ray.storage import LocalStorage, open_storage
 
 MIB = 1 << 20

@@ -3,10 +3,10 @@ TP=1/2/4/8, node types read from an autoscaling config, refusals of what no node
 the vLLM build and version checks."""
 import pytest
 
-from expo_ray.capacity import Capacity, NodeType, node_types_from_config
+from expo_ray.cluster.capacity import Capacity, NodeType, node_types_from_config
 from expo_ray.errors import ExpoError
-from expo_ray.evaluate.engine.placement import plan_engine
-from expo_ray.evaluate.engine.vllm_support import installed_version, is_cpu_build, resolve_swap, swap_supported
+from expo_ray.evaluation.engine.placement import plan_engine
+from expo_ray.evaluation.engine.vllm_support import installed_version, is_cpu_build, resolve_swap, swap_supported
 
 GIB = 2**30
 # The shape of infra/aws/cluster.yaml: a head without work, CPU workers, 8-GPU workers on demand.

@@ -4,19 +4,18 @@ import shutil
 
 import pytest
 
-from expo_ray.checkpoint import Checkpoint
+from expo_ray.checkpoint.folder import Checkpoint
 from expo_ray.errors import InvalidCheckpoint, PlanError
-from expo_ray.plan import (
+from expo_ray.extrapolation.plan import (
     COPY,
     COPY_IDENTICAL,
     EXTEND_ROWS,
     EXTRAPOLATE,
     AlphaRules,
-    Options,
     build_plan,
     layer_group,
-    parse_alphas,
 )
+from expo_ray.options import PlanOptions, parse_alphas
 
 
 def copy_of(src, tmp_path, name):
@@ -101,7 +100,7 @@ def test_every_difference_is_listed(bf16_pair, tmp_path):
     # --copy-unmatched takes care of the missing tensor, not of the others.
     with pytest.raises(PlanError) as exc:
         build_plan(Checkpoint.open(str(sft)), Checkpoint.open(str(aligned)), (0.1,),
-                   options=Options(copy_unmatched=True))
+                   options=PlanOptions(copy_unmatched=True))
     assert "only in the aligned model" not in str(exc.value)
 
 
@@ -111,7 +110,7 @@ def test_added_rows_need_opt_in(pair_factory):
     with pytest.raises(PlanError) as exc:
         build_plan(s, a, (0.3,))
     assert "--allow-added-rows" in str(exc.value) and "vocab_size" in str(exc.value)
-    plan = build_plan(s, a, (0.3,), options=Options(allow_added_rows=True))
+    plan = build_plan(s, a, (0.3,), options=PlanOptions(allow_added_rows=True))
     extended = {t.name: t.shared_rows for sh in plan.shards for t in sh.tensors if t.action == EXTEND_ROWS}
     assert set(extended) == {"model.embed_tokens.weight", "lm_head.weight"}
     assert set(extended.values()) == {s.config["vocab_size"]}
@@ -161,7 +160,7 @@ def test_fingerprint_follows_content_not_only_headers(bf16_pair, tmp_path):
     resume receipts, evaluation caches and the local model cache) must still differ."""
     import os
 
-    from expo_ray.identity import checkpoint_fingerprint
+    from expo_ray.checkpoint.identity import checkpoint_fingerprint
 
     _, aligned = bf16_pair
     copy = tmp_path / "copy"
@@ -181,7 +180,7 @@ def test_lineage_reports_the_real_error_when_a_shard_cannot_be_opened(bf16_pair,
 
     from expo_ray.api import make_plan
     from expo_ray.errors import StorageError
-    from expo_ray.lineage import shard_sums
+    from expo_ray.extrapolation.lineage import shard_sums
 
     sft, aligned = bf16_pair
     copy = tmp_path / "aligned"

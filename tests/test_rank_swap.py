@@ -1,4 +1,4 @@
-"""Per-rank weight swaps (expo_ray.evaluate.engine.weight_swap): each tensor-parallel rank reads and
+"""Per-rank weight swaps (expo_ray.evaluation.engine.weight_swap): each tensor-parallel rank reads and
 computes only the part of each tensor its layer keeps.
 
 * Parts, no vLLM: rows and columns of an extrapolated (or folder) source equal the same rows and
@@ -19,9 +19,8 @@ from helpers import HAVE_VLLM, NO_VLLM_REASON, PROMPTS, bits, load_tensors
 
 from expo_ray.api import extrapolate
 from expo_ray.demo.tiny import build_tiny_pair
-from expo_ray.evaluate.engine.weight_swap import extrapolated_source, folder_source, iter_weights, rank_slices
-from expo_ray.options import PlanOptions
-from expo_ray.plan import variant_name
+from expo_ray.evaluation.engine.weight_swap import extrapolated_source, folder_source, iter_weights, rank_slices
+from expo_ray.options import PlanOptions, variant_name
 
 ALPHA = 2.0
 
@@ -92,7 +91,7 @@ TP2_ENGINE = dict(dtype="float32", max_model_len=512, tensor_parallel_size=2, sw
 
 @needs_tp2
 def test_tp2_swap_holds_the_fresh_engines_weights_and_gives_its_tokens(ray_local, tmp_path):
-    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
+    from expo_ray.evaluation.engine.vllm_engine import GenerationEngine
     from expo_ray.options import SamplingOptions
 
     sft, aligned = build_tiny_pair(tmp_path / "pair", dtype="float32", delta_scale=0.3, seed=3)

@@ -6,9 +6,9 @@ import pytest
 from helpers import hf_cache_entry
 
 from expo_ray.errors import ExpoError
-from expo_ray.evaluate.aggregate import Scored, bootstrap_ci, recommended_alpha, summarize, win_rate
-from expo_ray.evaluate.prompts import load_prompts
-from expo_ray.evaluate.report import write_report
+from expo_ray.evaluation.aggregate import Scored, bootstrap_ci, recommended_alpha, summarize, win_rate
+from expo_ray.evaluation.prompts import load_prompts
+from expo_ray.evaluation.report import write_report
 from expo_ray.storage import LocalStorage
 
 

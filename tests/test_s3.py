@@ -6,7 +6,7 @@ from helpers import hf_cache_entry, local_files, make_bucket, s3_files, shards_o
 
 from expo_ray.api import extrapolate
 from expo_ray.errors import StorageError
-from expo_ray.manifest import verify_variant
+from expo_ray.publish.manifest import verify_variant
 from expo_ray.storage import open_storage
 from expo_ray.storage.s3 import MAX_PARTS, WINDOW, MiB, S3Storage, part_size_for
 

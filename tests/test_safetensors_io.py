@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from expo_ray.checkpoint.safetensors_io import encode_header, read_header, read_rows, read_tensor
 from expo_ray.errors import InvalidCheckpoint
-from expo_ray.safetensors_io import encode_header, read_header, read_rows, read_tensor
 from expo_ray.storage import LocalStorage
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from expo_ray.evaluate.selection import GAIN, NO_BASELINE, NO_GAIN, describe, runner_up, select_alpha
+from expo_ray.evaluation.selection import GAIN, NO_BASELINE, NO_GAIN, describe, runner_up, select_alpha
 
 
 def table(means: dict, n: int = 200, noise: float = 1.0, seed: int = 0) -> dict:

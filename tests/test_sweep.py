@@ -5,9 +5,9 @@ from click.testing import CliRunner
 from helpers import delete_prefix, make_bucket, upload_folder
 
 from expo_ray.cli import main
-from expo_ray.manifest import verify_variant
+from expo_ray.publish.manifest import verify_variant
 from expo_ray.storage import open_storage
-from expo_ray.sweep_spec import parse_spec
+from expo_ray.sweep.spec import parse_spec
 
 
 def spec_text(a, b, dest):

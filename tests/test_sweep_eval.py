@@ -15,8 +15,8 @@ from helpers import (  # noqa: E402
 )
 
 from expo_ray.cli import main  # noqa: E402
-from expo_ray.plan import variant_name  # noqa: E402
-from expo_ray.sweep_spec import parse_spec  # noqa: E402
+from expo_ray.options import variant_name  # noqa: E402
+from expo_ray.sweep.spec import parse_spec  # noqa: E402
 
 
 def test_sweep_with_evaluation(ray_local, s3_client, pair_factory, tmp_path):
@@ -53,7 +53,7 @@ evaluation:
     board = json.loads(s3_client.get_object(Bucket="sweep-eval", Key="run/leaderboard.json")["Body"].read())
     assert [r["pair"] for r in board["pairs"]] == ["pair-a", "pair-b"]
     # Each pair's best alpha is the selection rule applied to its per-prompt rewards as written.
-    from expo_ray.evaluate.selection import select_alpha
+    from expo_ray.evaluation.selection import select_alpha
 
     def read(key: str) -> bytes:
         return s3_client.get_object(Bucket="sweep-eval", Key=key)["Body"].read()

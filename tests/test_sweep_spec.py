@@ -1,7 +1,7 @@
 """Sweep specs: valid ones parse; bad ones fail before any work with the line and key named."""
 import pytest
 
-from expo_ray.sweep_spec import SpecError, parse_spec
+from expo_ray.sweep.spec import SpecError, parse_spec
 
 GOOD = """\
 destination: /tmp/sweep-out
@@ -73,7 +73,7 @@ def test_example_sweeps_in_jobs_parse():
     """The example specs shipped in jobs/sweeps are valid sweep specs."""
     from pathlib import Path
 
-    from expo_ray.sweep_spec import load_spec
+    from expo_ray.sweep.spec import load_spec
 
     specs = sorted((Path(__file__).parent.parent / "jobs" / "sweeps").glob("*.yaml"))
     assert [p.name for p in specs] == ["cpu-smoke.yaml", "tulu-2-70b.yaml", "zephyr-7b.yaml"]
@@ -103,7 +103,7 @@ def test_a_pair_can_bring_its_own_chat_template(tmp_path):
     import json
 
     from expo_ray.demo.tiny import build_tokenizer
-    from expo_ray.evaluate.engine.vllm_engine import EngineError, _load_tokenizer, _render
+    from expo_ray.evaluation.engine.vllm_engine import EngineError, _load_tokenizer, _render
 
     template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     spec = parse_spec(GOOD.replace("    aligned: /models/a-dpo", "    aligned: /models/a-dpo\n"

