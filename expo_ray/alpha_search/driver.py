@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 
 from ..checkpoint.identity import checkpoint_identity
 from ..cluster.ray_runtime import ensure_ray
 from ..errors import ExpoError
-from ..evaluation.engine.actors import ENGINE_LOGS_ENV, plan_for, start_generation_actor, start_reward_actor, stop
+from ..evaluation.engine.actors import Engines, plan_for
 from ..evaluation.engine.vllm_support import installed_version, resolve_swap
 from ..evaluation.models import ModelRef, model_config
 from ..evaluation.pipeline import fitting_prompts
@@ -50,44 +49,39 @@ class _Evaluator:
     """
 
     def __init__(self, ray, sft: str, aligned: str, texts: list[str], reward_model: str, sampling: SamplingOptions,
-                 engine: EngineOptions, plan: PlanOptions, placement, time_share: bool, log_dir: str | None = None):
+                 engines: Engines, plan: PlanOptions, time_share: bool):
         self.ray, self.sft, self.aligned, self.texts = ray, sft, aligned, texts
         self.sampling, self.plan = sampling.to_dict(), plan.to_dict()
-        self.engine, self.placement, self.reward_model, self.time_share = engine, placement, reward_model, time_share
-        self.log_dir = log_dir
+        self.engines, self.reward_model, self.time_share = engines, reward_model, time_share
         self.generator = self.scorer = None
         self.answers: dict[float, list[dict]] = {}
         self.serving: float | None = None
         self.swap_seconds: list[float] = []
         self.generate_seconds = 0.0
-        self.engine_starts = 0
         if not time_share:
             self._generator(), self._scorer()
+
+    @property
+    def engine_starts(self) -> int:
+        return self.engines.started
 
     def _generator(self):
         if self.generator is None:
             if self.scorer is not None and self.time_share:
-                stop(self.ray, self.scorer)
+                self.engines.stop(self.scorer)
                 self.scorer = None
             aligned = self.aligned
-            self.generator = start_generation_actor(
-                aligned, checkpoint_identity(aligned) if "://" in aligned else None, self.engine,
-                self.placement.generation, swappable=True, log_uri=self._log_uri("generation"))
-            self.serving, self.engine_starts = None, self.engine_starts + 1
+            identity = checkpoint_identity(aligned) if "://" in aligned else None
+            self.generator = self.engines.generation(aligned, identity, swappable=True, label="the aligned model")
+            self.serving = None
         return self.generator
-
-    def _log_uri(self, role: str) -> str | None:
-        """Where the next engine's output goes: one file per engine start."""
-        return f"{self.log_dir}/{role}-{self.engine_starts + 1}.log" if self.log_dir else None
 
     def _scorer(self):
         if self.scorer is None:
             if self.generator is not None and self.time_share:
-                stop(self.ray, self.generator)
+                self.engines.stop(self.generator)
                 self.generator = None
-            self.scorer = start_reward_actor(self.reward_model, self.engine, self.placement.reward,
-                                             self._log_uri("reward"))
-            self.engine_starts += 1
+            self.scorer = self.engines.reward(self.reward_model)
         return self.scorer
 
     def _generate(self, alpha: float, n: int) -> list[dict]:
@@ -121,9 +115,8 @@ class _Evaluator:
         return [a["reward"] for a in self.answers[alpha]]
 
     def close(self) -> None:
-        for actor in (self.generator, self.scorer):
-            if actor is not None:
-                stop(self.ray, actor)
+        self.engines.close()
+        self.generator = self.scorer = None
 
 
 def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, *, out_uri: str,
@@ -150,11 +143,8 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     time_share = (not placement.together) if search.time_share is None else search.time_share
     if time_share:
         log.info("the generation and the reward engine take turns (the cluster cannot hold both at once)")
-    log_dir = f"{open_storage(out_uri).child('search').uri.rstrip('/')}/logs"
-    if os.environ.get(ENGINE_LOGS_ENV) != "live":
-        log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", log_dir)
-    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, engine, plan, placement, time_share,
-                           log_dir)
+    engines = Engines(ray, engine, placement, f"{open_storage(out_uri).child('search').uri.rstrip('/')}/logs")
+    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, engines, plan, time_share)
     try:
         outcome = adaptive_search(evaluator, search.grid, len(texts), budget=search.budget,
                                   initial=search.initial_prompts, refine_steps=search.refine_steps, log=log.info)

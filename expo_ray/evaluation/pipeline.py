@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 from ..checkpoint.identity import checkpoint_identity, evaluation_id, generation_key, reward_key
@@ -22,7 +21,7 @@ from ..errors import ExpoError
 from ..options import EngineOptions, SamplingOptions, format_alpha
 from ..storage import Storage, open_storage
 from .aggregate import Scored, summarize
-from .engine.actors import ENGINE_LOGS_ENV, plan_for, start_generation_actor, start_reward_actor, stop
+from .engine.actors import Engines, plan_for
 from .engine.vllm_support import installed_version, resolve_swap
 from .engine.weight_swap import WeightsMismatch
 from .models import ModelRef, model_config, models_to_evaluate
@@ -32,8 +31,7 @@ from .report import write_report
 log = logging.getLogger("expo_ray")
 
 
-def _generate_all(ray, todo: list[ModelRef], texts, sampling, engine: EngineOptions, plan, swap: bool, save,
-                  log_dir: str | None = None) -> None:
+def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, swap: bool, save) -> None:
     """Up to max_engines engines; each result is saved as it arrives.
 
     With ``swap`` an engine that finished one model loads the next model's weights in
@@ -41,18 +39,16 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, engine: EngineOpti
     Without it every model gets a new engine. By default as many engines run as the cluster holds
     can grow to with swapping, one per model without (Ray queues what does not fit).
     """
-    n_engines = plan.engines if swap else max(1, min(len(todo), engine.max_engines or len(todo)))
-    queue, running, began, started = list(todo), {}, {}, []
+    n_engines = engines.placement.engines if swap else max(1, min(len(todo), engines.engine.max_engines or len(todo)))
+    queue, running = list(todo), {}
 
     def start(m: ModelRef):
-        started.append(m)
-        log_uri = f"{log_dir}/generation-{len(started)}.log" if log_dir else None
-        return start_generation_actor(m.uri, m.identity, engine, plan.generation, swappable=swap, log_uri=log_uri)
+        return engines.generation(m.uri, m.identity, swappable=swap, label=m.label)
 
     def submit(m: ModelRef, actor, swap: bool) -> None:
         served = actor.serve.remote(m.uri, m.identity) if swap else None
         ref = actor.generate.remote(texts, sampling)
-        running[ref], began[ref] = (m, actor, served), time.perf_counter()
+        running[ref] = (m, actor, served)
 
     try:
         while queue and len(running) < n_engines:
@@ -68,19 +64,21 @@ def _generate_all(ray, todo: list[ModelRef], texts, sampling, engine: EngineOpti
                 except WeightsMismatch as exc:  # this model needs its own engine
                     log.info("%s does not fit the running engine (%s); starting an engine for it",
                              m.label, str(exc).splitlines()[-1] if str(exc) else exc)
-                    stop(ray, actor)
+                    engines.stop(actor)
                     submit(m, start(m), False)
                     continue
             generations = ray.get(done[0])
             save(m, generations)
-            tokens, seconds = sum(g["tokens"] for g in generations), time.perf_counter() - began.pop(done[0])
-            log.info("generated %s: %d answers, %d tokens in %.0f s (%.0f tokens/s); %d of %d models done",
-                     m.label, len(texts), tokens, seconds, tokens / max(seconds, 1e-9),
+            info = engines.timings(actor)
+            tokens, seconds = sum(g["tokens"] for g in generations), info.get("last_call_s") or float("nan")
+            started = f"; its engine started in {info['startup_s']:.0f} s" if served is None and info else ""
+            log.info("generated %s: %d answers, %d tokens in %.0f s (%.0f tokens/s)%s; %d of %d models done",
+                     m.label, len(texts), tokens, seconds, tokens / max(seconds, 1e-9), started,
                      len(todo) - len(queue) - len(running), len(todo))
             if queue and swap:
                 submit(queue.pop(0), actor, True)
             else:
-                stop(ray, actor)
+                engines.stop(actor)
                 if queue:
                     m = queue.pop(0)
                     submit(m, start(m), False)
@@ -152,27 +150,24 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     ray = ensure_ray(address)
     plan = plan_for(ray, engine, len(todo))
     swap = resolve_swap(engine.swap, installed_version()) if todo else False
-    log_dir = f"{out.uri.rstrip('/')}/logs"
-    if (todo or to_score) and os.environ.get(ENGINE_LOGS_ENV) != "live":
-        log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", log_dir)
-    if todo:
-        _generate_all(ray, todo, texts, sampling, engine, plan, swap,
-                      lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json",
-                                                      json.dumps(gens).encode()),
-                      log_dir)
-
-    if to_score:
-        scorer = start_reward_actor(reward_model, engine, plan.reward, f"{log_dir}/reward.log")
-        try:
+    engines = Engines(ray, engine, plan, f"{out.uri.rstrip('/')}/logs")
+    try:
+        if todo:
+            _generate_all(ray, engines, todo, texts, sampling, swap,
+                          lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json",
+                                                          json.dumps(gens).encode()))
+        if to_score:
+            scorer = engines.reward(reward_model)
             for i, m in enumerate(to_score, 1):
                 generations = _read_json(out, f"cache/generations-{gen_keys[m.label]}.json")
-                t0 = time.perf_counter()
                 rewards = ray.get(scorer.score.remote(texts, [g["output"] for g in generations]))
                 out.write_bytes(f"cache/rewards-{reward_keys[m.label]}.json", json.dumps(rewards).encode())
-                log.info("scored %s: %d answers in %.0f s; %d of %d models done", m.label, len(texts),
-                         time.perf_counter() - t0, i, len(to_score))
-        finally:
-            stop(ray, scorer)
+                info = engines.timings(scorer)
+                started = f"; its engine started in {info['startup_s']:.0f} s" if i == 1 and info else ""
+                log.info("scored %s: %d answers in %.0f s%s; %d of %d models done", m.label, len(texts),
+                         info.get("last_call_s") or float("nan"), started, i, len(to_score))
+    finally:
+        engines.close()
 
     results, alphas = {}, {}
     aligned_uri = _aligned_uri(models)

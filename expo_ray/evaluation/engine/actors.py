@@ -17,6 +17,7 @@ engine binds its OpenMP threads to cores itself, whatever ``OMP_NUM_THREADS`` Ra
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -30,10 +31,11 @@ from ...options import EngineOptions, PlanOptions, SamplingOptions
 from ..models import local_copy, local_path, release_copy
 from .vllm_engine import Generation, GenerationEngine, RewardEngine, vllm_version
 
-__all__ = ["GenerationActor", "RewardActor", "generation_actor", "plan_for", "reward_actor", "start_generation_actor",
-           "start_reward_actor", "stop"]
+__all__ = ["Engines", "GenerationActor", "RewardActor", "generation_actor", "plan_for", "reward_actor",
+           "start_generation_actor", "start_reward_actor", "stop"]
 
 
+log = logging.getLogger("expo_ray")
 ENGINE_LOGS_ENV = "EXPO_RAY_ENGINE_LOGS"  # "live": engine output stays on the console (expo-ray -v)
 
 
@@ -75,10 +77,13 @@ def _sampling(sampling: SamplingOptions | dict | None) -> SamplingOptions:
 class _EngineActor:
     engine: Any
 
+    generate_s: float | None = None
+
     def info(self) -> dict:
-        """What this actor runs: model, vLLM version, seconds the engine took to start, pid."""
+        """What this actor runs: model, vLLM version, seconds the engine took to start, seconds its
+        last generation (or scoring) call took, pid."""
         return {"model": self.model_path, "vllm": vllm_version(), "startup_s": self.startup_s,
-                "pid": os.getpid()}
+                "last_call_s": self.generate_s, "pid": os.getpid()}
 
     def close(self) -> None:
         """Stop the engine (its processes exit) and store its log; the actor can then be killed."""
@@ -146,7 +151,9 @@ class GenerationActor(_EngineActor):
         return self._sources[uri]
 
     def generate(self, prompts: Sequence[str], sampling: SamplingOptions | dict | None = None) -> list[dict]:
+        began = time.perf_counter()
         outs: list[Generation] = self.engine.generate(list(prompts), _sampling(sampling))
+        self.generate_s = round(time.perf_counter() - began, 2)
         return [{"output": g.text, "tokens": g.token_count, "finish_reason": g.finish_reason} for g in outs]
 
     def generate_full(self, prompts: Sequence[str], sampling: SamplingOptions | dict | None = None) -> list[dict]:
@@ -166,7 +173,10 @@ class RewardActor(_EngineActor):
         self.startup_s = round(time.perf_counter() - began, 2)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return self.engine.score(list(prompts), list(responses))
+        began = time.perf_counter()
+        rewards = self.engine.score(list(prompts), list(responses))
+        self.generate_s = round(time.perf_counter() - began, 2)
+        return rewards
 
 
 _remote: dict[str, Any] = {}
@@ -232,3 +242,69 @@ def stop(ray, actor) -> None:
     except Exception:  # noqa: BLE001 - the actor may already be gone
         pass
     ray.kill(actor)
+
+
+class Engines:
+    """The engines of one evaluation or search: started, logged and stopped in one place.
+
+    Each start is announced ("starting the generation engine for ...") and gets its own log file
+    under ``log_dir`` (``generation-1.log``, ``reward-1.log``, ...; where they are is said once);
+    :meth:`close` stops whatever is still running, also when the caller fails.
+    """
+
+    def __init__(self, ray, engine: EngineOptions, placement, log_dir: str | None):
+        self.ray, self.engine, self.placement, self.log_dir = ray, engine, placement, log_dir
+        self.starts: dict[str, int] = {"generation": 0, "reward": 0}
+        self.live: list = []
+        self._announced = False
+
+    @property
+    def started(self) -> int:
+        """Engines started so far (generation and reward)."""
+        return sum(self.starts.values())
+
+    def _log_uri(self, role: str) -> str | None:
+        self.starts[role] += 1
+        if not self.log_dir:
+            return None
+        if not self._announced and os.environ.get(ENGINE_LOGS_ENV) != "live":
+            log.info("engine logs: %s/ (one file per engine; expo-ray -v shows them live)", self.log_dir)
+            self._announced = True
+        return f"{self.log_dir}/{role}-{self.starts[role]}.log"
+
+    def generation(self, model_uri: str, identity: str | None, *, swappable: bool, label: str = ""):
+        """A generation actor serving ``model_uri`` (its engine starts in the background)."""
+        log_uri = self._log_uri("generation")
+        log.info("starting the generation engine for %s (tensor parallel %d) ...", label or model_uri,
+                 self.placement.generation.tp)
+        actor = start_generation_actor(model_uri, identity, self.engine, self.placement.generation,
+                                       swappable=swappable, log_uri=log_uri)
+        self.live.append(actor)
+        return actor
+
+    def reward(self, reward_model: str):
+        """A reward actor for ``reward_model`` (its engine starts in the background)."""
+        log_uri = self._log_uri("reward")
+        log.info("starting the reward engine for %s (tensor parallel %d) ...", reward_model,
+                 self.placement.reward.tp)
+        actor = start_reward_actor(reward_model, self.engine, self.placement.reward, log_uri)
+        self.live.append(actor)
+        return actor
+
+    def timings(self, actor) -> dict:
+        """How long ``actor``'s engine took to start (``startup_s``) and its last call took
+        (``last_call_s``), from the actor; empty if it cannot say."""
+        try:
+            return self.ray.get(actor.info.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - a timing line is not worth failing for
+            return {}
+
+    def stop(self, actor) -> None:
+        stop(self.ray, actor)
+        if actor in self.live:
+            self.live.remove(actor)
+
+    def close(self) -> None:
+        """Stop every engine still running."""
+        for actor in list(self.live):
+            self.stop(actor)
