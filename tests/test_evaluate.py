@@ -2,6 +2,8 @@
 generation and scoring of several variants, rewards equal to the reward model's raw logits in
 transformers, report files, a re-run that generates nothing, and refusals of bad input."""
 import json
+import logging
+import re
 
 import pytest
 
@@ -33,7 +35,8 @@ def setting(tmp_path_factory, pair_factory, ray_local):
     return root, reward, load_prompts(str(prompts_file))
 
 
-def test_generation_scoring_report_and_cache(setting):
+def test_generation_scoring_report_and_cache(setting, caplog):
+    caplog.set_level(logging.INFO, logger="expo_ray")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root, reward, prompts = setting
@@ -60,8 +63,13 @@ def test_generation_scoring_report_and_cache(setting):
     assert alpaca[0].keys() == {"instruction", "output", "generator", "dataset"}
     # Each engine's own output is in a file under the evaluation output, not on the console.
     logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
-    assert "reward.log" in logs and any(n.startswith("generation-") for n in logs), sorted(logs)
-    assert str(reward) in logs["reward.log"], logs["reward.log"][-2000:]
+    assert "reward-1.log" in logs and any(n.startswith("generation-") for n in logs), sorted(logs)
+    assert str(reward) in logs["reward-1.log"], logs["reward-1.log"][-2000:]
+    # Engine starts are announced and timed apart from generation and scoring.
+    said = caplog.text
+    assert "starting the generation engine for sft" in said and "starting the reward engine for" in said
+    assert re.search(r"generated \S+: \d+ answers, \d+ tokens in \d+ s \(\d+ tokens/s\); its engine started in \d+ s",
+                     said), said
     # AlpacaEval generator names: the aligned model's folder name ("aligned" here), per alpha.
     generators = {label: json.loads((out / "responses" / f"{label}.alpaca_eval.json").read_text())[0]["generator"]
                   for label in ("sft", "alpha_0.0", "alpha_0.5", "alpha_2.0")}

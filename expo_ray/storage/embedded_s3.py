@@ -2,7 +2,9 @@
 
 Used by `expo-ray demo`, the tests and the benchmarks: bound to 127.0.0.1, every port chosen
 free (its defaults are fixed and would collide), telemetry off, stopped with SIGKILL (it ignores
-SIGTERM at times) and reaped.
+SIGTERM at times) and reaped. A port can be taken by another process between being chosen and
+being bound: the server is then started again on other ports. On Linux the server is killed when
+the process that started it dies, however it dies, so no server outlives a killed test or demo.
 """
 from __future__ import annotations
 
@@ -21,6 +23,18 @@ from pathlib import Path
 from ..errors import ExpoError
 
 STARTUP_TIMEOUT_S = 60
+START_ATTEMPTS = 5  # fresh ports each time a port was taken before the server could bind it
+# What `weed mini` logs when a port it was given is in use (checked before it starts, or at bind).
+PORT_TAKEN = (b"port allocation failed", b"address already in use")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when its parent dies (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -58,8 +72,19 @@ class EmbeddedS3:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
 
     def start(self, port: int | None = None) -> "EmbeddedS3":
+        """Start the server (on ``port``, else a free one) and wait until it answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or self.port or free_port()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self.port = port or free_port()
+            if self._start_once() or port or attempt == START_ATTEMPTS:
+                break
+        if self.proc is None:
+            raise ExpoError(f"the embedded S3 server could not bind its ports in {START_ATTEMPTS} attempts; see "
+                            f"{self.log_path}")
+        return self
+
+    def _start_once(self) -> bool:
+        """True when the server answers; False when a port it was given was taken meanwhile."""
         p = {name: free_port() for name in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                                              "s3_grpc", "admin", "admin_grpc")}
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -70,19 +95,39 @@ class EmbeddedS3:
                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
                f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin_grpc']}"]
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        logged_before = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ExpoError(f"the embedded S3 server exited at start (code {self.proc.returncode}); see "
-                                f"{self.log_path}")
+                code = self.proc.returncode
+                self.proc = None
+                if self._port_taken(logged_before):
+                    return False
+                raise ExpoError(f"the embedded S3 server exited at start (code {code}); see {self.log_path}")
+            if self._port_taken(logged_before):
+                self.stop()  # one of its services could not bind: start again on other ports
+                return False
             if self._answers():
-                return self
+                return True
             time.sleep(0.2)
         self.stop()
         raise ExpoError(f"the embedded S3 server did not answer within {STARTUP_TIMEOUT_S} s; see {self.log_path}")
+
+    def _port_taken(self, offset: int) -> bool:
+        logged = self._log_since(offset).lower()
+        return any(marker in logged for marker in PORT_TAKEN)
+
+    def _log_since(self, offset: int) -> bytes:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except OSError:
+            return b""
 
     def _answers(self) -> bool:
         try:
