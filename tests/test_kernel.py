@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -416,13 +417,13 @@ def test_read_only_inputs_are_fine():
     assert np.array_equal(out, a1)
 
 
-def _backend_in_subprocess(env_value, hide_c=False):
+def _backend_in_subprocess(env_value, hide_c=False, show="kernel.backend()"):
     code = ("import sys\n"
             + ("sys.modules['expo_ray.extrapolation._kernel'] = None\n" if hide_c else "")
-            + "from expo_ray.extrapolation import kernel\nprint(kernel.backend())\n")
+            + f"from expo_ray.extrapolation import kernel\nprint({show})\n")
     env = dict(os.environ, EXPO_RAY_KERNEL=env_value)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(kernel.__file__))))
+                          cwd=Path(kernel.__file__).resolve().parents[2])
 
 
 def test_env_var_forces_backend():
@@ -435,6 +436,17 @@ def test_env_var_forces_backend():
     if not C_MISSING:
         res = _backend_in_subprocess("c")
         assert res.returncode == 0 and res.stdout.strip() == "c", res.stderr
+
+
+def test_the_numpy_fallback_says_what_it_costs_unless_asked_for():
+    res = _backend_in_subprocess("", hide_c=True, show="kernel.fallback_warning()")
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip()
+    assert "NumPy kernel" in line and "35x slower" in line and "C compiler" in line and "\n" not in line
+    res = _backend_in_subprocess("numpy", hide_c=True, show="kernel.fallback_warning()")
+    assert res.stdout.strip() == "None", "a NumPy kernel the user asked for needs no warning"
+    if not C_MISSING:
+        assert _backend_in_subprocess("", show="kernel.fallback_warning()").stdout.strip() == "None"
 
 
 def test_c_kernel_releases_the_gil():

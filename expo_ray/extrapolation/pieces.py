@@ -77,6 +77,7 @@ def run(jobs: list[ShardJob], out: Storage, cpus: int, submit: Callable[[list[Sh
             mine = [r for r in results if r["shard"] == sub.shard.key]
             record["bytes_read"] = sum(r["bytes_read"] for r in mine)
             record["compute_seconds"] = sum(r["compute_seconds"] for r in mine)
+            record["kernel"] = ",".join(sorted({r["kernel"] for r in mine}))
             for variant, fingerprint in zip(sub.variants, sub.fingerprints):
                 key = f"{variant}/{sub.shard.key}"
                 parts = [r["files"][variant]["upload"] for r in sorted(mine, key=lambda r: r["range"][0])]

@@ -204,7 +204,7 @@ def run_shard(job: ShardJob, progress=None) -> dict:
     elif progress is not None:
         progress(job.shard.nbytes)
     return {"shard": job.shard.key, "files": {v: files[v] for v in job.variants}, "resumed": resumed,
-            "seconds": time.perf_counter() - t_start, **stats}
+            "seconds": time.perf_counter() - t_start, "kernel": kernel.backend(), **stats}
 
 
 class _Readers:
@@ -309,7 +309,7 @@ def run_piece(job: ShardJob, progress=None) -> dict:
         readers.close()
     files = {v: {"hashes": outputs.hashes[i].result(), "upload": uploaded[i]} for i, v in enumerate(job.variants)}
     return {"shard": job.shard.key, "range": [lo, hi], "files": files, "bytes_read": read,
-            "compute_seconds": compute_s, "seconds": time.perf_counter() - t_start}
+            "compute_seconds": compute_s, "seconds": time.perf_counter() - t_start, "kernel": kernel.backend()}
 
 
 def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_pool, progress,

