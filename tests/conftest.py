@@ -20,7 +20,8 @@ os.environ.update({"AWS_ACCESS_KEY_ID": "expo-ray", "AWS_SECRET_ACCESS_KEY": "ex
 
 # A test that uses one of these fixtures is slow (marked automatically); so is a module that
 # starts vLLM engines, trains the demo's models or starts a `ray start` head (marked in the module).
-SLOW_FIXTURES = {"s3_server", "s3_client", "autoscaling_cluster"}
+SLOW_FIXTURES = {"s3_server", "s3_client", "autoscaling_cluster",
+                 "engine", "gen_engine", "rm_engine", "ray_head"}  # vLLM engines, a `ray start` head
 
 
 def pytest_collection_modifyitems(config, items):

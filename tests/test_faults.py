@@ -118,6 +118,7 @@ def test_driver_killed_then_rerun_resumes(ray_local, s3_client, s3_server, slow_
     assert not s3_client.list_multipart_uploads(Bucket="faults").get("Uploads")
 
 
+@pytest.mark.slow  # its own S3 server
 def test_s3_outage_during_run(ray_local, slow_pair, tmp_path, monkeypatch):
     """The S3 server is killed mid-run and restarted: retries carry the run through, or it fails
     with a clear message and a re-run completes."""

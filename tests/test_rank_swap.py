@@ -89,6 +89,7 @@ needs_tp2 = pytest.mark.skipif(not HAVE_VLLM or len(os.sched_getaffinity(0)) < 2
 TP2_ENGINE = dict(dtype="float32", max_model_len=512, tensor_parallel_size=2, swappable=True)
 
 
+@pytest.mark.slow
 @needs_tp2
 def test_tp2_swap_holds_the_fresh_engines_weights_and_gives_its_tokens(ray_local, tmp_path):
     from expo_ray.evaluation.engine.vllm_engine import GenerationEngine

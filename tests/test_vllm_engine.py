@@ -40,6 +40,8 @@ from expo_ray.evaluation.engine.vllm_engine import (
 )
 from expo_ray.options import SamplingOptions  # noqa: E402
 
+pytestmark = pytest.mark.slow  # vLLM engines (or the demo's training)
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
