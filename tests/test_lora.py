@@ -314,3 +314,15 @@ def test_lineage_of_an_adapter(models, ray_local):
     d2 = sum(float((_delta64(m, False) ** 2).sum()) for m in layers.values())
     b2 = sum(float((t.double() ** 2).sum()) for n, t in base.items() if ".layers.1." in n)
     assert groups["layer 1"] == pytest.approx((d2 / b2) ** 0.5, rel=1e-9)
+
+
+def test_sweep_specs_choose_the_form_per_pair():
+    from expo_ray.sweep.spec import parse_spec
+
+    text = ("destination: /tmp/out\nalphas: [0.1]\npairs:\n  - sft: /m/sft\n    aligned: /m/lora-dpo\n    merge: true\n"
+            "  - name: adapters\n    sft: /m/sft\n    aligned: /m/lora-dpo\n")
+    merged, adapters = parse_spec(text, "s.yaml").pairs
+    assert merged.plan.merge is True and adapters.plan.merge is None
+    assert merged.pair_id != adapters.pair_id  # the two forms get their own folders
+    with pytest.raises(Exception, match="merge"):
+        parse_spec(text.replace("merge: true", "merge: sometimes"), "s.yaml")

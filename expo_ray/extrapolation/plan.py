@@ -129,8 +129,8 @@ class TensorPlan:
     scale: float = 1.0       # tensor alpha = variant alpha * scale
     shared_rows: int = 0     # for EXTEND_ROWS: rows present in both models
     # For COMPUTED (``aligned`` then locates the SFT tensor): ``compute.chunk(start, count, sft_bytes,
-    # alphas)`` returns, per tensor alpha, the raw bits of elements [start, start + count) of theta
-    # (e.g. expo_ray.lora.merge.LoraDelta); it reads what else it needs itself.
+    # alphas, outs=None)`` returns, per tensor alpha, the raw bits of elements [start, start + count)
+    # of theta, in ``outs`` when given (e.g. expo_ray.lora.merge.LoraDelta); it reads what else it needs.
     compute: object | None = None
 
     @property

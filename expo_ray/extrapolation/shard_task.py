@@ -369,8 +369,8 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
             chunks = [a_bytes] * n_alpha
         else:
             began = time.perf_counter()
-            chunks = (t.compute.chunk(start, count, a_bytes, effective) if computed
-                      else compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot))
+            chunks = (t.compute.chunk(start, count, a_bytes, effective, _buffers(out_sets, slot, count, bits, n_alpha))
+                      if computed else compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot))
             compute_s += time.perf_counter() - began
         # (a COMPUTED tensor's compute checks its own results for overflow)
         check_chunk(t.name, t.dtype, a_bytes, s_bytes, effective, [_alpha_label(a, t.scale) for a in job.alphas],
@@ -384,6 +384,15 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
         if w is not None:
             w.result()
     return compute_s
+
+
+def _buffers(out_sets: list, slot: int, count: int, bits, n: int) -> list:
+    """``n`` reusable output arrays of ``count`` elements for ``slot`` (allocated when missing or too small)."""
+    import numpy as np
+
+    if out_sets[slot] is None or len(out_sets[slot][0]) < count:
+        out_sets[slot] = [np.empty(count, dtype=bits) for _ in range(n)]
+    return [o[:count] for o in out_sets[slot]]
 
 
 def _alpha_label(alpha: float, scale: float) -> str:

@@ -78,23 +78,25 @@ class LoraDelta:
     bias: TensorInfo | None = None
     whole: TensorInfo | None = None
 
-    def chunk(self, start: int, count: int, sft_bytes, alphas: list[float]) -> list[np.ndarray]:
-        """Raw bits of elements [start, start + count) of theta for each tensor alpha."""
+    def chunk(self, start: int, count: int, sft_bytes, alphas: list[float],
+              outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Raw bits of elements [start, start + count) of theta for each tensor alpha (written into
+        ``outs``, one array of ``count`` elements per alpha, when given)."""
         bits = kernel.bits_dtype(self.dtype)
+        outs = outs if outs is not None else [np.empty(count, dtype=bits) for _ in alphas]
         low_rank = self.a is not None or self.bias is not None
         if not low_rank and self.whole.dtype == self.dtype:  # the kernel, exactly as for full checkpoints
             w_bits = np.frombuffer(read_raw(self.adapter_uri, self.whole, start, count), dtype=bits)
             s_bits = np.frombuffer(sft_bytes, dtype=bits)
-            outs = kernel.extrapolate(self.dtype, w_bits, s_bits, alphas)
+            kernel.extrapolate_into(self.dtype, w_bits, s_bits, alphas, outs)
             self._check(outs, alphas, w_bits, s_bits)
             return outs
-        outs = [np.empty(count, dtype=bits) for _ in alphas]
-        sft = decode_floats(sft_bytes, self.dtype).astype(np.float64)
+        itemsize = np.dtype(bits).itemsize
         block = max(1, BLOCK_ELEMENTS // self._row_length()) * self._row_length()
         with np.errstate(all="ignore"):
             for lo in range(0, count, block):
                 hi = min(count, lo + block)
-                s = sft[lo:hi]
+                s = decode_floats(memoryview(sft_bytes)[lo * itemsize:hi * itemsize], self.dtype).astype(np.float64)
                 w = read_floats(self.adapter_uri, self.whole, start + lo, hi - lo) if self.whole else None
                 d = self._delta(start + lo, hi - lo) if low_rank else None
                 for alpha, out in zip(alphas, outs):
