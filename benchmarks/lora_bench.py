@@ -101,7 +101,7 @@ json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": [
 
 MERGE_LAYER = r"""
 import json, resource, sys, time
-root = sys.argv[1]
+root, chunk_mib = sys.argv[1], float(sys.argv[2])
 from expo_ray.extrapolation.shard_task import ShardJob, run_shard
 from expo_ray.lora.plan import make_plan
 from expo_ray.options import PlanOptions
@@ -110,7 +110,7 @@ rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmR
 before = rss()
 began = time.perf_counter()
 job = ShardJob(plan.shards[0], plan.sft_uri, plan.aligned_uri, f"{root}/out", plan.alphas,
-               tuple(f"alpha_{a}" for a in plan.alphas), ("bench",) * 3, {}, 256 * 1024 * 1024)
+               tuple(f"alpha_{a}" for a in plan.alphas), ("bench",) * 3, {}, int(chunk_mib * 2**20))
 run_shard(job)
 seconds = time.perf_counter() - began
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -119,12 +119,12 @@ print(json.dumps({"seconds": seconds, "peak_rss": peak, "rss_before": before, "t
 """
 
 
-def merge_layer(tmp: Path) -> dict:
+def merge_layer(tmp: Path, chunk_mib: float = 256) -> dict:
     """Peak memory and time of merging one 70B-shaped MLP tensor, three alphas, in a process of its
     own (the inputs are built by another process first)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", BUILD_LAYER, str(tmp)], check=True, timeout=1800, env=env)
-    out = subprocess.run([sys.executable, "-c", MERGE_LAYER, str(tmp)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", MERGE_LAYER, str(tmp), str(chunk_mib)], capture_output=True, text=True,
                          timeout=3600, env=env)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=1408)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--skip-layer", action="store_true", help="do not measure the 70B-shaped merge")
+    ap.add_argument("--chunk-mib", type=float, default=256, help="the merge's working-memory budget (--chunk-mib)")
+    ap.add_argument("--layer-only", action="store_true", help="measure only the 70B-shaped merge")
     args = ap.parse_args()
     alphas = [float(a) for a in args.alphas.split(",")]
     assert len(alphas) == 5, "give five alphas"
@@ -159,6 +161,14 @@ def main() -> None:
 
     started = datetime.now(timezone.utc)
     tmp = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    if args.layer_only:
+        layer = merge_layer(tmp / "layer", args.chunk_mib)
+        print(f"`{' '.join(['.venv/bin/python', 'benchmarks/lora_bench.py'] + sys.argv[1:])}` ({started:%Y-%m-%d %H:%M}"
+              f" UTC): merging one 8192 x 28672 bf16 tensor, three alphas, --chunk-mib {args.chunk_mib:g}: "
+              f"{layer['seconds']:.1f} s, peak RSS {layer['peak_rss'] / 2**30:.2f} GiB")
+        return
+    # first, from a process that has not run engines (its environment is inherited)
+    layer = None if args.skip_layer else merge_layer(tmp / "layer", args.chunk_mib)
     sft, adapter = build(tmp, args)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     out_a, out_m = tmp / "adapters", tmp / "merged"
@@ -228,7 +238,6 @@ def main() -> None:
         rows[k]["b"], rows[k]["c"] = sum(per_b[:k]), sum(per_c[:k])
         rows[k]["c_total"] = sum(per_c[:k]) + sum(start_c[:k])
 
-    layer = None if args.skip_layer else merge_layer(tmp / "layer")
     a70, m70 = seventy_b_bytes(16)
     load = os.getloadavg()
     print(f"`{' '.join(['.venv/bin/python', 'benchmarks/lora_bench.py'] + sys.argv[1:])}` "
@@ -254,7 +263,8 @@ def main() -> None:
     if layer:
         print(f"\nMerging one 70B-shaped MLP tensor (8192 x 28672 bf16, {layer['tensor_bytes'] / 2**20:.0f} MiB; "
               f"its float64 delta would be {layer['delta_f64_bytes'] / 2**30:.2f} GiB), three alphas, --chunk-mib "
-              f"256, one process: {layer['seconds']:.1f} s, peak RSS {layer['peak_rss'] / 2**30:.2f} GiB (the "
+              f"{args.chunk_mib:g}, one process: {layer['seconds']:.1f} s, peak RSS "
+              f"{layer['peak_rss'] / 2**30:.2f} GiB (the "
               f"process held {layer['rss_before'] / 2**30:.2f} GiB before the merge began: interpreter, NumPy).")
 
 
