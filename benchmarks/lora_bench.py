@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,9 +167,11 @@ def main() -> None:
         print(f"`{' '.join(['.venv/bin/python', 'benchmarks/lora_bench.py'] + sys.argv[1:])}` ({started:%Y-%m-%d %H:%M}"
               f" UTC): merging one 8192 x 28672 bf16 tensor, three alphas, --chunk-mib {args.chunk_mib:g}: "
               f"{layer['seconds']:.1f} s, peak RSS {layer['peak_rss'] / 2**30:.2f} GiB")
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     # first, from a process that has not run engines (its environment is inherited)
     layer = None if args.skip_layer else merge_layer(tmp / "layer", args.chunk_mib)
+    shutil.rmtree(tmp / "layer", ignore_errors=True)
     sft, adapter = build(tmp, args)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     out_a, out_m = tmp / "adapters", tmp / "merged"
@@ -266,6 +269,7 @@ def main() -> None:
               f"{args.chunk_mib:g}, one process: {layer['seconds']:.1f} s, peak RSS "
               f"{layer['peak_rss'] / 2**30:.2f} GiB (the "
               f"process held {layer['rss_before'] / 2**30:.2f} GiB before the merge began: interpreter, NumPy).")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
