@@ -326,3 +326,29 @@ def test_sweep_specs_choose_the_form_per_pair():
     assert merged.pair_id != adapters.pair_id  # the two forms get their own folders
     with pytest.raises(Exception, match="merge"):
         parse_spec(text.replace("merge: true", "merge: sometimes"), "s.yaml")
+
+
+def test_an_adapter_from_the_hub(models, tmp_path, ray_local, monkeypatch):
+    """hf://org/adapter read through the Hub's protocol (a local server): the variants equal those
+    of the same adapter in a local folder, and the manifest names the hf:// source."""
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    sft, adapter = models["embed"]
+    server = HubServer()
+    try:
+        server.add("org/dpo-lora", adapter)
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        hub = _write(make_plan(str(sft), "hf://org/dpo-lora", (0.5,)), tmp_path / "hub")
+    finally:
+        server.close()
+    local = _write(make_plan(str(sft), str(adapter), (0.5,)), tmp_path / "local")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (hub / "alpha_0.5" / name).read_bytes() == (local / "alpha_0.5" / name).read_bytes(), name
+    assert read_manifest(open_storage(str(hub / "alpha_0.5")))["sources"]["aligned"].startswith("hf://org/dpo-lora")
