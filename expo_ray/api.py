@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .extrapolation.plan import Plan, make_plan as _make_plan
+from .extrapolation.plan import Plan
+from .lora.plan import make_plan as _make_plan
 from .options import EngineOptions, PlanOptions, SamplingOptions, SearchOptions, WriteOptions
 from .publish.run import ExtrapolationResult, run_plan
 

@@ -109,8 +109,9 @@ def _needs(extra: str, *modules: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extrapolate(sft, aligned, alphas, out, address, dry_run, no_progress, **options):
-    """Write one complete model folder per alpha under DST, each committed with a manifest."""
-    from .extrapolation.plan import make_plan, plan_summary
+    """Write one complete model folder per alpha under DST, each committed with a manifest (ALIGNED
+    may be a PEFT LoRA adapter: one adapter per alpha, or model folders with --merge)."""
+    from .lora.plan import make_plan, plan_summary
     from .options import parse_alphas
     from .publish.run import run_plan
 
@@ -181,9 +182,15 @@ def lineage(sft, aligned, address, as_json):
     """Per-layer relative change ||aligned - sft|| / ||sft||; warns if ALIGNED does not descend from SFT."""
     from .extrapolation.lineage import lineage as compute, lineage_warnings
     from .extrapolation.plan import make_plan
+    from .lora.adapter import is_adapter
 
-    plan = make_plan(sft, aligned, (1.0,), PlanOptions(copy_unmatched=True, allow_added_rows=True))
-    groups, overall = compute(plan, address)
+    if is_adapter(aligned):  # a LoRA adapter: ||s * B @ A|| / ||theta_sft||
+        from .lora.lineage import adapter_lineage
+
+        groups, overall = adapter_lineage(sft, aligned, address)
+    else:
+        groups, overall = compute(make_plan(sft, aligned, (1.0,), PlanOptions(copy_unmatched=True,
+                                                                              allow_added_rows=True)), address)
     warnings = lineage_warnings(groups, overall)
     if as_json:
         click.echo(json.dumps({"groups": [{"group": g.group, "relative_change": g.relative, "tensors": g.tensors}
@@ -298,11 +305,12 @@ def evaluate(variants, address, **o):
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster address.")
 def run(sft, aligned, alphas, out, address, **o):
     """Extrapolate one pair, then evaluate every variant: the whole ExPO alpha search in one command."""
-    from .extrapolation.plan import make_plan
+    from .evaluation.adapter_generation import evaluable_plan
     from .options import parse_alphas
     from .publish.run import run_plan
 
-    plan = make_plan(sft, aligned, parse_alphas(alphas), PlanOptions.from_params(o))
+    _needs("vllm", "transformers", "vllm")
+    plan = evaluable_plan(sft, aligned, parse_alphas(alphas), PlanOptions.from_params(o))
     run_plan(plan, out, write=WriteOptions.from_params(o), address=address, show_progress=_progress(False))
     _run_evaluation(out, o, address)
 

@@ -169,6 +169,12 @@ class PlanOptions(_Options):
         help="Inputs may hold NaN/Inf; they stay non-finite in the outputs (default: error). An alpha that "
              "overflows finite weights into Inf is always an error.")
 
+    merge: bool | None = _option(
+        None, "--merge/--adapter-variants", spec="merge",
+        help="For an aligned model that is a PEFT LoRA adapter: write full model folders (theta_sft + (1 + alpha) "
+             "* s * B @ A), or one adapter per alpha (the default; evaluated with every alpha in one multi-LoRA "
+             "engine). Full checkpoints always give full folders.")
+
     def policies(self) -> dict[str, bool]:
         """The policies (what is allowed), apart from the alpha rules: part of every variant's
         fingerprint and of its manifest's plan summary."""

@@ -259,3 +259,31 @@ def assert_greedy_under_transformers(hf_model, prompt_ids, generated, what: str 
         assert row[token] >= row.max() - tol, (
             f"{what + ': ' if what else ''}token {j} ({token}) has logit {row[token]:.6f}, "
             f"max {row.max():.6f} at {int(row.argmax())}")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def build_adapter(base: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0, scale: float = 0.05,
+                  autocast: bool = True, **lora) -> Path:
+    """A PEFT LoRA adapter (``LoraConfig(**lora)``) on the model at ``base``, saved at ``out``, with
+    random LoRA matrices (``scale`` * N(0, 1)) and random changes to any other trainable tensor
+    (modules_to_save, trained biases), as DPO with PEFT would leave it. ``autocast=False`` keeps
+    the adapter in the base model's dtype (PEFT otherwise stores LoRA matrices in float32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    peft_model = get_peft_model(model, LoraConfig(**lora), autocast_adapter_dtype=autocast)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+            elif p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=gen) * scale * p.float().abs().mean()).to(p.dtype))
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    return Path(out)

@@ -28,12 +28,14 @@ from ..evaluation.models import ModelRef, model_config
 from ..evaluation.pipeline import fitting_prompts
 from ..evaluation.prompts import PromptSet
 from ..evaluation.selection import describe
-from ..extrapolation.plan import make_plan
+from ..lora.adapter import is_adapter
+from ..lora.plan import make_plan
 from ..options import EngineOptions, PlanOptions, SamplingOptions, SearchOptions, variant_name
 from ..publish.manifest import verify_variant
 from ..publish.run import run_plan
 from ..storage import open_storage
 from .adaptive import SearchOutcome, adaptive_search, point_stats, search_settings
+from .lora_evaluator import LoraEvaluator
 
 log = logging.getLogger("expo_ray")
 
@@ -129,22 +131,26 @@ def search_alpha(sft: str, aligned: str, prompts: PromptSet, reward_model: str, 
     began = time.perf_counter()
     # Everything that can be refused is checked before any engine starts.
     search_settings(search.grid, len(prompts.prompts), search.budget, search.initial_prompts)
+    adapter = is_adapter(aligned)  # a LoRA adapter: one multi-LoRA engine, an adapter per probed alpha
     make_plan(sft, aligned, (1.0,), plan)
     check_reward_model(reward_model, engine.trust_remote_code, model_config(reward_model))
     engine.export_cache_settings()
-    prompts, skipped = fitting_prompts([ModelRef("aligned", 0.0, aligned, "")], prompts, engine)
+    prompts, skipped = fitting_prompts([ModelRef("aligned", 0.0, aligned, "", sft if adapter else None)], prompts,
+                                       engine)
     order = list(range(len(prompts.prompts)))
     random.Random(search.shuffle_seed).shuffle(order)
     texts = [prompts.prompts[i].text for i in order]
 
-    resolve_swap(engine.swap, installed_version(), needed_by="expo-ray search")
+    if not adapter:
+        resolve_swap(engine.swap, installed_version(), needed_by="expo-ray search")
     ray = ensure_ray(address)
     placement = plan_for(ray, engine)
     time_share = (not placement.together) if search.time_share is None else search.time_share
     if time_share:
         log.info("the generation and the reward engine take turns (the cluster cannot hold both at once)")
     engines = Engines(ray, engine, placement, f"{open_storage(out_uri).child('search').uri.rstrip('/')}/logs")
-    evaluator = _Evaluator(ray, sft, aligned, texts, reward_model, sampling, engines, plan, time_share)
+    evaluator = (LoraEvaluator if adapter else _Evaluator)(ray, sft, aligned, texts, reward_model, sampling, engines,
+                                                          plan, time_share)
     try:
         outcome = adaptive_search(evaluator, search.grid, len(texts), budget=search.budget,
                                   initial=search.initial_prompts, refine_steps=search.refine_steps, log=log.info)
@@ -249,7 +255,8 @@ def plot_search(report: dict) -> bytes:
 
 def materialize(sft: str, aligned: str, alphas: list[float], out_uri: str, *, plan: PlanOptions = PlanOptions(),
                 address: str | None = None, show_progress: bool = True) -> list[str]:
-    """Extrapolate, commit and verify the chosen alphas under ``out_uri``; returns the variant URIs."""
+    """Extrapolate, commit and verify the chosen alphas under ``out_uri`` (for a LoRA adapter: adapter
+    variants, or model folders with ``plan.merge``); returns the variant URIs."""
     run_plan(make_plan(sft, aligned, alphas, plan), out_uri, address=address, show_progress=show_progress)
     root = open_storage(out_uri)
     uris = []

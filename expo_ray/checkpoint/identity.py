@@ -109,4 +109,6 @@ def pair_id(sft: str, aligned: str, plan: PlanOptions) -> str:
              plan.allow_added_rows]
     if plan.allow_nonfinite:  # absent when off: ids of pairs made before the option stay the same
         parts.append({"allow_nonfinite": True})
+    if plan.merge is not None:  # the form of an adapter pair's variants (absent: as before)
+        parts.append({"merge": plan.merge})
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]

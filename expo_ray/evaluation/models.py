@@ -25,6 +25,7 @@ class ModelRef:
     alpha: float | None  # None for the SFT model
     uri: str
     identity: str       # changes whenever the weights could differ
+    base: str | None = None  # a LoRA adapter (on this base model, the SFT) instead of a model folder
 
 
 def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify: bool = False) -> list[ModelRef]:
@@ -35,7 +36,7 @@ def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify
                else [f for f in find_variants(root) if not f.startswith((".expo-ray", "eval"))])
     if not folders:
         raise ExpoError(f"{root.describe()}: no variants here (no folder with {MANIFEST_FILE})")
-    refs, sources = [], set()
+    refs, sources, forms = [], set(), set()
     for folder in folders:
         store = root.child(folder) if folder else root
         manifest = read_manifest(store)
@@ -46,15 +47,30 @@ def models_to_evaluate(variants_uri: str, include_sft: bool = False, deep_verify
         if not check.ok:
             raise ExpoError(f"{store.describe()}: does not match its manifest: {check.problems[0]}")
         sources.add((manifest["sources"]["sft"], manifest["sources"]["aligned"]))
-        refs.append(ModelRef(manifest["variant"], float(manifest["alpha"]), store.uri, manifest["fingerprint"]))
+        form = manifest.get("form", "full")  # "adapter": a LoRA on the SFT model (expo_ray.lora)
+        forms.add(form)
+        refs.append(ModelRef(manifest["variant"], float(manifest["alpha"]), store.uri, manifest["fingerprint"],
+                             manifest["sources"]["sft"] if form == "adapter" else None))
     if len(sources) != 1:
         raise ExpoError(f"{root.describe()}: holds variants of different model pairs; evaluate one pair at a time")
     sft, aligned = sources.pop()
     if not any(r.alpha == 0.0 for r in refs):
-        refs.append(ModelRef(variant_name(0.0), 0.0, aligned, checkpoint_identity(aligned)))
+        refs.append(_aligned_ref(root, sft, aligned, forms))
     if include_sft:
         refs.append(ModelRef("sft", None, sft, checkpoint_identity(sft)))
     return sorted(refs, key=lambda r: (r.alpha is not None, r.alpha or 0.0))
+
+
+def _aligned_ref(root, sft: str, aligned: str, forms: set[str]) -> ModelRef:
+    """alpha 0, the aligned model itself: a model folder, or a LoRA adapter on the SFT model."""
+    if forms == {"full"}:
+        return ModelRef(variant_name(0.0), 0.0, aligned, checkpoint_identity(aligned))
+    if "adapter" not in forms:
+        raise ExpoError(f"{root.describe()}: merged variants of a LoRA adapter need alpha 0 merged too (the aligned "
+                        "model, the adapter, is not a model folder): extrapolate again with --merge --alpha 0,...")
+    from ..lora.plan import adapter_identity
+
+    return ModelRef(variant_name(0.0), 0.0, aligned, adapter_identity(aligned), sft)
 
 
 def local_path(uri: str) -> str:

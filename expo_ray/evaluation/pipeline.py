@@ -20,6 +20,7 @@ from ..cluster.ray_runtime import ensure_ray
 from ..errors import ExpoError
 from ..options import EngineOptions, SamplingOptions, format_alpha
 from ..storage import Storage, open_storage
+from .adapter_generation import adapter_group, generate_with_adapters
 from .aggregate import Scored, summarize
 from .engine.actors import Engines, plan_for
 from .engine.vllm_support import installed_version, resolve_swap
@@ -97,7 +98,7 @@ def fitting_prompts(models: list[ModelRef], prompts: PromptSet, engine: EngineOp
     long: dict[int, int] = {}
     for m in models:
         if m.alpha is None or m.alpha == 0.0:  # variants share the aligned model's tokenizer
-            long.update(prompts_too_long(m.uri, texts, max_model_len=engine.max_model_len,
+            long.update(prompts_too_long(m.base or m.uri, texts, max_model_len=engine.max_model_len,
                                          trust_remote_code=engine.trust_remote_code,
                                          chat_template=engine.chat_template))
     if not long:
@@ -153,9 +154,14 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     engines = Engines(ray, engine, plan, f"{out.uri.rstrip('/')}/logs")
     try:
         if todo:
-            _generate_all(ray, engines, todo, texts, sampling, swap,
-                          lambda m, gens: out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json",
-                                                          json.dumps(gens).encode()))
+            def save(m: ModelRef, gens: list[dict]) -> None:
+                out.write_bytes(f"cache/generations-{gen_keys[m.label]}.json", json.dumps(gens).encode())
+
+            lora, full = adapter_group(todo)  # LoRA variants: every alpha in one multi-LoRA engine
+            if lora:
+                generate_with_adapters(ray, engines, lora, texts, sampling, save)
+            if full:
+                _generate_all(ray, engines, full, texts, sampling, swap, save)
         if to_score:
             scorer = engines.reward(reward_model)
             for i, m in enumerate(to_score, 1):

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SUPPORTED", "bits_dtype", "extrapolate_into", "extrapolate", "backend"]
+__all__ = ["SUPPORTED", "bits_dtype", "extrapolate_into", "extrapolate", "backend", "round_float64"]
 
 SUPPORTED = ("BF16", "F16", "F32", "F64")
 
@@ -302,6 +302,14 @@ def extrapolate_into(dtype: str, aligned: np.ndarray, sft: np.ndarray, alphas: S
     alphas = _check(dtype, aligned, sft, alphas, outs)
     if len(aligned) and alphas:
         _IMPL[_BACKEND](dtype, aligned, sft, alphas, list(outs))
+
+
+def round_float64(dtype: str, values: np.ndarray) -> np.ndarray:
+    """Raw bits of float64 ``values`` rounded once, to nearest-even, into ``dtype`` (a float64 cast
+    to bfloat16 through float32 would round twice). Non-finite values stay non-finite."""
+    x = np.ascontiguousarray(values, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        return _from_round_odd(dtype, x).copy()
 
 
 def extrapolate(dtype: str, aligned: np.ndarray, sft: np.ndarray, alphas: Sequence[float]) -> list[np.ndarray]:

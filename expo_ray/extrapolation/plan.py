@@ -35,6 +35,7 @@ EXTRAPOLATE = "extrapolate"    # aligned + a*(aligned - sft)
 COPY = "copy"                  # aligned bytes unchanged
 COPY_IDENTICAL = "copy_identical"  # non-float: copied, and must equal the SFT bytes
 EXTEND_ROWS = "extend_rows"    # extrapolate the rows both have, copy the rows only aligned has
+COMPUTED = "computed"          # TensorPlan.compute gives theta from the SFT tensor (a LoRA adapter's delta)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ class TensorPlan:
     action: str
     scale: float = 1.0       # tensor alpha = variant alpha * scale
     shared_rows: int = 0     # for EXTEND_ROWS: rows present in both models
+    # For COMPUTED (``aligned`` then locates the SFT tensor): ``compute.chunk(start, count, sft_bytes,
+    # alphas, outs=None)`` returns, per tensor alpha, the raw bits of elements [start, start + count)
+    # of theta, in ``outs`` when given (e.g. expo_ray.lora.merge.LoraDelta); it reads what else it needs.
+    compute: object | None = None
 
     @property
     def nbytes(self) -> int:

@@ -27,7 +27,7 @@ from ..options import format_alpha
 from ..storage import Reader, Storage, Writer, open_storage
 from . import kernel
 from .finite import check_chunk
-from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan
+from .plan import COMPUTED, COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan
 from .theta import compute_chunk
 
 # Input chunks in flight (current + prefetched) and output buffer sets (being computed + being written).
@@ -319,8 +319,9 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
     info = t.aligned.info
     n_alpha = len(job.alphas)
     effective = [a * t.scale for a in job.alphas]
-    needs_compute = t.action in (EXTRAPOLATE, EXTEND_ROWS) and any(e != 0.0 for e in effective)
-    needs_sft = needs_compute or t.action == COPY_IDENTICAL
+    computed = t.action == COMPUTED  # theta from the SFT tensor (read as `aligned`) by t.compute
+    needs_compute = computed or (t.action in (EXTRAPOLATE, EXTEND_ROWS) and any(e != 0.0 for e in effective))
+    needs_sft = (needs_compute and not computed) or t.action == COPY_IDENTICAL
     itemsize = info.itemsize
     b1 = t.nbytes if b1 is None else b1
     first, stop = b0 // itemsize, -(-b1 // itemsize)
@@ -368,10 +369,12 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
             chunks = [a_bytes] * n_alpha
         else:
             began = time.perf_counter()
-            chunks = compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot)
+            chunks = (t.compute.chunk(start, count, a_bytes, effective, _buffers(out_sets, slot, count, bits, n_alpha))
+                      if computed else compute_chunk(t, bits, a_bytes, s_bytes, effective, count, out_sets, slot))
             compute_s += time.perf_counter() - began
+        # (a COMPUTED tensor's compute checks its own results for overflow)
         check_chunk(t.name, t.dtype, a_bytes, s_bytes, effective, [_alpha_label(a, t.scale) for a in job.alphas],
-                    chunks if needs_compute else None, job.allow_nonfinite)
+                    chunks if needs_compute and not computed else None, job.allow_nonfinite)
         writes[slot] = io_pool.writer.submit(outputs.write_all, clip(chunks, k), io_pool.hasher)
         if progress is not None:
             progress(count * itemsize)
@@ -381,6 +384,15 @@ def _stream_tensor(job: ShardJob, t: TensorPlan, reader, outputs: _Outputs, io_p
         if w is not None:
             w.result()
     return compute_s
+
+
+def _buffers(out_sets: list, slot: int, count: int, bits, n: int) -> list:
+    """``n`` reusable output arrays of ``count`` elements for ``slot`` (allocated when missing or too small)."""
+    import numpy as np
+
+    if out_sets[slot] is None or len(out_sets[slot][0]) < count:
+        out_sets[slot] = [np.empty(count, dtype=bits) for _ in range(n)]
+    return [o[:count] for o in out_sets[slot]]
 
 
 def _alpha_label(alpha: float, scale: float) -> str:

@@ -18,7 +18,7 @@ from ..checkpoint.safetensors_io import read_rows, read_tensor
 from ..errors import ExpoError
 from ..storage import open_storage
 from . import kernel
-from .plan import COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, Plan, TensorPlan
+from .plan import COMPUTED, COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, Plan, TensorPlan
 
 # A part of a tensor: None (whole), ("rows", start, end) or ("cols", start, end) of a 2-D tensor.
 Slice = tuple[str, int, int] | None
@@ -109,7 +109,7 @@ def iter_theta(plan: Plan, alpha: float, part_of: Callable[[str], Slice], stats:
         for shard in plan.shards:
             for t in shard.tensors:
                 part = part_of(t.name)
-                if not _valid(part, t.shape) or (part and part[0] == "cols" and t.action == EXTEND_ROWS):
+                if not _valid(part, t.shape) or (part and part[0] == "cols" and t.action in (EXTEND_ROWS, COMPUTED)):
                     part = None
                 stats["sliced" if part else "whole"] += 1
                 a_bytes = read_part(a_reader(t.aligned.shard), t.aligned.info, part)
@@ -121,7 +121,13 @@ def iter_theta(plan: Plan, alpha: float, part_of: Callable[[str], Slice], stats:
                     if a_bytes != s_bytes:
                         raise ExpoError(f"tensor {t.name} ({t.dtype}, not a float type) differs between the SFT "
                                         "and aligned models; non-float tensors must be identical")
-                if t.action in (EXTRAPOLATE, EXTEND_ROWS) and effective != 0.0:
+                if t.action == COMPUTED:  # a_bytes are the SFT tensor's (rows), theta from t.compute
+                    first = part[1] * (t.aligned.info.numel // t.shape[0]) if part else 0
+                    count = len(a_bytes) // t.aligned.info.itemsize
+                    (out,) = t.compute.chunk(first, count, a_bytes, [effective])
+                    stats["elements_computed"] += count
+                    yield t.name, t.dtype, tuple(t.shape), part, out
+                elif t.action in (EXTRAPOLATE, EXTEND_ROWS) and effective != 0.0:
                     s_part = part
                     if t.action == EXTEND_ROWS:  # the SFT model has only the first shared_rows rows
                         lo, hi = (part[1], part[2]) if part else (0, t.shape[0])

@@ -18,6 +18,7 @@ from ..checkpoint.folder import INDEX_FILE
 from ..errors import AlreadyExists, ExpoError, StorageError
 from ..extrapolation.plan import Plan, plan_summary
 from ..extrapolation.shard_task import RECEIPTS, receipt_key
+from ..lora.plan import LoraPlan
 from ..storage import Storage, open_storage
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
 from .modelcard import MERGEKIT_FILE, canonical_command, mergekit_config, model_card
@@ -56,14 +57,23 @@ def _commit(plan: Plan, out: Storage, name: str, alpha: float, records: list[dic
     if leftovers:
         log.info("%s: removed %d leftover(s) of killed task attempts", variant.describe(), leftovers)
     files = [{"path": r["shard"], **{k: v for k, v in r["files"][name].items() if k != "version"}} for r in records]
-    index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
-    payload = {INDEX_FILE: (json.dumps(index, indent=2) + "\n").encode()}
-    aligned = open_storage(plan.aligned_uri)
-    for key in plan.aux_files:
-        payload[key] = aligned.read_bytes(key, limit=512 * 1024 * 1024)
     summary = plan_summary(plan)
-    payload["README.md"] = model_card(plan, alpha, _source_card(aligned)).encode()
-    payload[MERGEKIT_FILE] = mergekit_config(plan, alpha).encode()
+    if isinstance(plan, LoraPlan):  # the aligned model is a LoRA adapter: its own side files and card
+        from .adapter_files import lora_manifest_fields, lora_payload
+
+        payload = lora_payload(plan, alpha, _source_card(open_storage(plan.adapter_uri)))
+        about = lora_manifest_fields(plan, alpha)
+    else:
+        index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
+        payload = {INDEX_FILE: (json.dumps(index, indent=2) + "\n").encode()}
+        aligned = open_storage(plan.aligned_uri)
+        for key in plan.aux_files:
+            payload[key] = aligned.read_bytes(key, limit=512 * 1024 * 1024)
+        payload["README.md"] = model_card(plan, alpha, _source_card(aligned)).encode()
+        payload[MERGEKIT_FILE] = mergekit_config(plan, alpha).encode()
+        about = {"command": canonical_command(plan.sft_uri, plan.aligned_uri, alpha, summary["rules"],
+                                              summary["options"]),
+                 "sources": {"sft": plan.sft_uri, "aligned": plan.aligned_uri, "fingerprint": plan.source_fingerprint}}
     files += [file_record(variant, key, data, hashes) for key, data in payload.items()]
     existing = read_manifest(variant)
     if existing is not None:  # a committed variant is immutable
@@ -79,8 +89,7 @@ def _commit(plan: Plan, out: Storage, name: str, alpha: float, records: list[dic
         "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "expo_ray_version": __version__,
-        "command": canonical_command(plan.sft_uri, plan.aligned_uri, alpha, summary["rules"], summary["options"]),
-        "sources": {"sft": plan.sft_uri, "aligned": plan.aligned_uri, "fingerprint": plan.source_fingerprint},
+        **about,
         "rules": summary["rules"],
         "options": summary["options"],
         "tensors": dict(plan.counts),

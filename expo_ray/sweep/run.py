@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ExpoError
-from ..extrapolation.plan import make_plan
+from ..evaluation.adapter_generation import evaluable_plan
+from ..lora.plan import make_plan
 from ..publish.destination import check_destination, check_no_overlap
 from ..publish.run import run_plan
 from ..storage import open_storage
@@ -50,7 +51,8 @@ def check_sweep(spec: SweepSpec) -> dict:
     plans, problems = {}, []
     for pair in spec.pairs:
         try:
-            plans[pair.folder] = make_plan(pair.sft, pair.aligned, pair.alphas, pair.plan)
+            plans[pair.folder] = (evaluable_plan if spec.evaluation is not None else make_plan)(
+                pair.sft, pair.aligned, pair.alphas, pair.plan)
             check_no_overlap(open_storage(f"{dest}/{pair.folder}/variants"), {"sft": pair.sft, "aligned": pair.aligned})
         except ExpoError as exc:
             problems.append(f"pair {pair.name!r}: {exc}")

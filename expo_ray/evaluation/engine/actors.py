@@ -282,6 +282,16 @@ class Engines:
         self.live.append(actor)
         return actor
 
+    def start(self, role: str, label: str, start):
+        """An actor ``start(log_uri)`` starts (e.g. :func:`.lora_actor.start_multi_lora`), announced, with
+        its own log file, stopped by :meth:`close` like the others."""
+        log_uri = self._log_uri(role)
+        log.info("starting the %s engine for %s (tensor parallel %d) ...", role, label,
+                 getattr(self.placement, role).tp)
+        actor = start(log_uri)
+        self.live.append(actor)
+        return actor
+
     def reward(self, reward_model: str):
         """A reward actor for ``reward_model`` (its engine starts in the background)."""
         log_uri = self._log_uri("reward")
