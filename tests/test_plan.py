@@ -189,4 +189,4 @@ def test_lineage_reports_the_real_error_when_a_shard_cannot_be_opened(bf16_pair,
     shard = plan.shards[0]
     (copy / shard.key).unlink()
     with pytest.raises(StorageError):  # not an UnboundLocalError from the cleanup
-        shard_sums(shard, plan.sft_uri, plan.aligned_uri)
+        shard_sums(shard, plan.sources["sft"], plan.sources["aligned"])

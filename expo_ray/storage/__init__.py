@@ -4,8 +4,9 @@ from __future__ import annotations
 from ..errors import StorageError
 from .base import Reader, Storage, Writer, clean_key
 from .local import LocalStorage
+from .pinned import Source
 
-__all__ = ["Reader", "Storage", "Writer", "clean_key", "open_storage", "LocalStorage"]
+__all__ = ["Reader", "Storage", "Writer", "clean_key", "open_storage", "LocalStorage", "Source"]
 
 
 def open_storage(uri: str) -> Storage:
