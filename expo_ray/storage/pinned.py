@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import SourceChanged, StorageError
 from .base import Reader, Storage
+from .uri import open_storage
 
 CHANGED = "changed since the plan: re-run to plan again"
 
@@ -50,16 +51,12 @@ class Source:
         if isinstance(source, Source):
             return source
         if isinstance(source, str):
-            from . import open_storage
-
             source = open_storage(source)
         return cls(source)
 
     @property
     def storage(self) -> Storage:
         if self._storage is None:  # reopened where the Source landed (a Ray worker)
-            from . import open_storage
-
             self._storage = open_storage(self.uri)
         return self._storage
 
