@@ -65,7 +65,8 @@ def check_no_overlap(out: Storage, inputs: dict, folders: tuple[str, ...] = ()) 
             if relation:
                 target = "" if relation == "is" else f" (it leads to {_shown(real)})"
                 raise ExpoError(f"{out.describe(folder)}: is a link into the {role} model folder {uri}{target}; "
-                                "writing there would overwrite the input; remove the link or choose another destination")
+                                "writing there would overwrite the input; remove the link or choose another "
+                                "destination")
         if not _inside(real, where):
             raise ExpoError(f"{out.describe(folder)}: is a link to {_shown(real)}, outside the destination; refused "
                             "(expo-ray never writes through a link out of the destination)")
