@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from datetime import datetime, timezone
 
 from .._version import __version__
@@ -29,6 +31,9 @@ log = logging.getLogger("expo_ray")
 ROOT_INDEX = "expo-ray-index.json"
 COMMITTED_BY_OTHER = "already committed by another run"
 MAX_CARD_BYTES = 4 * 1024 * 1024  # the aligned model's README.md, read for its licence
+# Fault-injection knob for tests of runs killed mid-commit: sleep this many seconds between the
+# side files and the manifest.
+COMMIT_DELAY_S = float(os.environ.get("EXPO_RAY_COMMIT_DELAY_S", "0") or 0)
 
 
 def same_job_committed(variant: Storage, fingerprint: str) -> bool:
@@ -82,7 +87,12 @@ def _commit(plan: Plan, out: Storage, name: str, alpha: float, records: list[dic
     files += [file_record(variant, key, data, hashes) for key, data in payload.items()]
     existing = read_manifest(variant)
     if existing is not None:  # a committed variant is immutable
-        return _committed_by_other(variant, existing, fingerprint, files)
+        try:
+            return _committed_by_other(variant, existing, fingerprint, files)
+        except ExpoError:
+            if lease is not None:  # another job's variant: what this run wrote there goes
+                remove_own(out, name, records, keep={r.get("path") for r in existing["files"]})
+            raise
     if lease is not None:
         try:
             lease.confirm()
@@ -96,6 +106,8 @@ def _commit(plan: Plan, out: Storage, name: str, alpha: float, records: list[dic
         _check_unchanged(variant, r["shard"], r["files"][name])
     for key, data in payload.items():
         variant.write_bytes(key, data)
+    if COMMIT_DELAY_S:
+        time.sleep(COMMIT_DELAY_S)
     manifest = {
         "format": FORMAT,
         "variant": name,

@@ -156,10 +156,9 @@ def acquire(out: Storage, variant: str, fingerprint: str, files: list[str]) -> L
         if record is not None and not _stale(record):
             if record.get("fingerprint") == fingerprint:
                 return lease  # the same job: the same bytes; the manifest is written once
-            age = _now() - record.get("renewed", 0)
-            raise ExpoError(f"{out.describe(variant)}: another run with other inputs or settings is writing it (lease "
-                            f"renewed {age:.0f} s ago; it expires {lease_seconds():g} s after the last renewal); "
-                            "nothing was written; wait for that run or choose another --out")
+            raise ExpoError(f"{out.describe(variant)}: another run with other inputs or settings is writing it; "
+                            "nothing was written; wait for that run to finish or choose another --out (the lease of "
+                            f"a run that is gone expires {lease_seconds():g} s after its last renewal)")
         lease.generation = generation + 1
         try:
             out.write_bytes(lease.key(), lease._record(), if_absent=True)
@@ -234,14 +233,17 @@ def settle_folder(out: Storage, lease: Lease) -> int:
     return removed
 
 
-def remove_own(out: Storage, variant: str, records: list[dict]) -> None:
-    """After losing a lease: remove the output shards this run wrote (still the versions it wrote)."""
+def remove_own(out: Storage, variant: str, records: list[dict], keep: set = frozenset()) -> None:
+    """After losing a variant folder to another run: remove the output shards this run wrote there
+    (those still the versions it wrote), except `keep` (files the other run's manifest lists)."""
     folder = out.child(variant)
     for record in records:
         written = record.get("files", {}).get(variant, {})
         key = record.get("shard")
+        if key in keep or not written.get("version"):
+            continue
         try:
-            if written.get("version") and folder.exists(key) and folder.version(key) == written["version"]:
+            if folder.exists(key) and folder.version(key) == written["version"]:
                 folder.delete(key)
         except ExpoError:
             pass

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import SourceChanged, StorageError
+from ..errors import NotFound, SourceChanged, StorageError
 from .base import Reader, Storage
 from .uri import open_storage
 
@@ -88,7 +88,12 @@ class Source:
 
     def open_reader(self, key: str) -> Reader:
         """A reader of exactly the pinned version of `key` (pinning it if it is not yet)."""
-        reader = self.storage.open_reader(key)
+        try:
+            reader = self.storage.open_reader(key)
+        except NotFound:
+            if key in self.pins:  # it was there when the plan read it
+                raise SourceChanged(f"{self.describe(key)}: {CHANGED}") from None
+            raise
         try:
             self._check(key, reader.pin)
         except BaseException:
@@ -120,8 +125,6 @@ class Source:
                 raise SourceChanged(f"{self.describe(key)}: {CHANGED}")
 
     def _current(self, key: str) -> str | None:
-        from ..errors import NotFound
-
         try:
             return self.storage.pin(key)
         except NotFound:

@@ -147,7 +147,7 @@ def _silent(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, Urllib3Timeout, TimeoutError))
 
 
-def explain(exc: BaseException, label: str, seconds: float | None = None) -> StorageError:
+def explain(exc: BaseException, label: str, timed: bool = False) -> StorageError:
     """One clear message for an S3 failure (never includes credentials)."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
 
@@ -170,9 +170,9 @@ def explain(exc: BaseException, label: str, seconds: float | None = None) -> Sto
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
             return AlreadyExists(f"{label}: already exists (written by another run)")
         return StorageError(f"{label}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
-    if _silent(exc) and seconds is not None:
-        return StorageError(f"{label}: S3 did not answer within {seconds:.0f} s ({type(exc).__name__}); for a slow "
-                            f"endpoint raise --s3-timeout (or {TIMEOUT_ENV}, now {timeout_s():g} s)")
+    if _silent(exc) and timed:
+        return StorageError(f"{label}: S3 did not answer within the {timeout_s():g}-second limit "
+                            f"({type(exc).__name__}); for a slow endpoint raise --s3-timeout (or {TIMEOUT_ENV})")
     if is_transient(exc):
         return StorageError(f"{label}: S3 did not answer after {ATTEMPTS} attempts ({type(exc).__name__}: {exc})")
     return StorageError(f"{label}: {type(exc).__name__}: {exc}")
@@ -192,7 +192,7 @@ def with_retries(fn, label: str):
             spent = time.monotonic() - began
             # Give up where one more silent attempt could end past the limit.
             if not is_transient(exc) or attempt == ATTEMPTS - 1 or spent + wait + limit / 4 > limit:
-                raise explain(exc, label, spent) from None
+                raise explain(exc, label, timed=True) from None
             time.sleep(wait)
 
 
