@@ -146,7 +146,8 @@ def test_s3_input_changed_after_the_plan(ray_local, s3_client, copies, tmp_path,
     with pytest.raises(SourceChanged) as caught:
         run_plan(plan, f"s3://pinned-out/{prefix}", show_progress=False)
     assert str(caught.value) == f"s3://pinned/{key}: {CHANGED}"
-    assert not s3_client.list_objects_v2(Bucket="pinned-out", Prefix=f"{prefix}/alpha_0.5/manifest.json").get("Contents")
+    manifest = f"{prefix}/alpha_0.5/manifest.json"
+    assert not s3_client.list_objects_v2(Bucket="pinned-out", Prefix=manifest).get("Contents")
 
 
 def test_input_edited_while_the_tasks_read_it(ray_local, copies, tmp_path, monkeypatch):
