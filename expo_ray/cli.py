@@ -60,7 +60,7 @@ class ExpoGroup(click.Group):
         i = 0
         while i < len(before):
             a = before[i]
-            if a in GLOBAL_FLAGS or a.split("=", 1)[0] in GLOBAL_OPTIONS:
+            if a in GLOBAL_FLAGS or ("=" in a and a.split("=", 1)[0] in GLOBAL_OPTIONS):
                 front.append(a)
             elif a in GLOBAL_OPTIONS and i + 1 < len(before):
                 front += before[i:i + 2]
