@@ -222,3 +222,29 @@ def test_s3_requests_wait_a_quarter_of_the_timeout(monkeypatch):
     monkeypatch.setenv("EXPO_RAY_S3_TIMEOUT", "nope")
     with pytest.raises(ExpoError, match="EXPO_RAY_S3_TIMEOUT='nope': the S3 timeout must be a positive number"):
         s3.timeout_s()
+
+
+def test_the_fault_table_names_real_tests():
+    """docs/faults.md: every row names tests, and every test it names exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "docs" / "faults.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| fault |")) + 2
+    rows = []
+    for line in lines[start:]:  # the fault table: up to the first line that is not a row
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    assert len(rows) >= 20
+    for row in rows:
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        named, module = [], None
+        for ref in re.findall(r"`(test_\w+\.py(?:::test_\w+)?|test_\w+)`", cell):
+            if ".py" in ref:
+                module, _, ref = ref.partition("::")
+            if ref:
+                named.append((module, ref))
+        assert named or re.search(r"`test_\w+\.py`", cell), row
+        for module, name in named:
+            assert re.search(rf"^def {name}\(", (root / "tests" / module).read_text(), re.M), (module, name)
