@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    build_adapter,
     error_lines,
     finish,
     hf_cache_entry,
@@ -235,3 +236,28 @@ def test_a_hub_source_is_pinned_to_its_commit(bf16_pair, tmp_path, monkeypatch):
     assert source.uri == f"hf://tiny-org/pinned@{commit}"
     assert set(source.pins.values()) == {f"commit={commit}"}
     assert open_storage(source.uri).pin("config.json") == f"commit={commit}"
+
+
+@pytest.mark.parametrize("form", ["adapter", "merged"])
+@pytest.mark.parametrize("change", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_lora_adapter_changed_after_the_plan(ray_local, copies, tmp_path, form, change):
+    """An adapter as the aligned model is pinned the same way: its weights (copied, extrapolated or
+    merged from) and its config (the variants' scale)."""
+    from expo_ray.lora.plan import make_plan as lora_make_plan
+    from expo_ray.options import PlanOptions
+
+    sft, _ = copies
+    adapter = build_adapter(sft, tmp_path / "adapter", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                            modules_to_save=["lm_head"])
+    plan = lora_make_plan(str(sft), str(adapter), (0.5,), PlanOptions(merge=form == "merged"))
+    assert plan.sources["adapter"].uri == str(adapter) and "adapter_config.json" in plan.sources["adapter"].pins
+    if change == "adapter_model.safetensors":
+        _edit_in_place(adapter / change)
+    else:
+        config = json.loads((adapter / change).read_text())
+        (adapter / change).write_text(json.dumps({**config, "lora_alpha": 64}))
+    out = tmp_path / "out"
+    with pytest.raises(SourceChanged) as caught:
+        run_plan(plan, str(out), show_progress=False)
+    assert str(caught.value) == f"{adapter / change}: {CHANGED}"
+    assert nothing_committed(out)

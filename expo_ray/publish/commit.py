@@ -47,6 +47,10 @@ def same_job_committed(variant: Storage, fingerprint: str) -> bool:
 
 def owned_files(plan: Plan) -> list[str]:
     """Every file a committed variant of `plan` holds besides its manifest."""
+    if isinstance(plan, LoraPlan):
+        from .adapter_files import lora_file_names
+
+        return [s.key for s in plan.shards] + lora_file_names(plan)
     return [s.key for s in plan.shards] + [INDEX_FILE, *plan.aux_files, "README.md", MERGEKIT_FILE]
 
 
