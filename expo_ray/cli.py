@@ -26,6 +26,7 @@ from .options import (
 
 DEFAULT_ALPHAS = ",".join(f"{a:g}" for a in DEFAULT_ALPHA_GRID)
 GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+GLOBAL_OPTIONS = ("--s3-timeout",)  # global options that take a value
 
 
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
@@ -53,10 +54,21 @@ class ExpoGroup(click.Group):
             sys.exit(1)
 
     def parse_args(self, ctx, args):
-        # -v/-q may come anywhere (also after the subcommand): move them in front of it.
+        # Global options may come anywhere (also after the subcommand): move them in front of it.
         before, rest = (args[:args.index("--")], args[args.index("--"):]) if "--" in args else (args, [])
-        flags = [a for a in before if a in GLOBAL_FLAGS]
-        return super().parse_args(ctx, flags + [a for a in before if a not in GLOBAL_FLAGS] + rest)
+        front, others = [], []
+        i = 0
+        while i < len(before):
+            a = before[i]
+            if a in GLOBAL_FLAGS or ("=" in a and a.split("=", 1)[0] in GLOBAL_OPTIONS):
+                front.append(a)
+            elif a in GLOBAL_OPTIONS and i + 1 < len(before):
+                front += before[i:i + 2]
+                i += 1
+            else:
+                others.append(a)
+            i += 1
+        return super().parse_args(ctx, front + others + rest)
 
 
 @click.group(cls=ExpoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -64,7 +76,11 @@ class ExpoGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True,
               help="Debug logging, and the engines' own logs live (they always go to files). Anywhere on the line.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only. Anywhere on the line.")
-def main(verbose: bool, quiet: bool) -> None:
+@click.option("--s3-timeout", type=click.FloatRange(0, min_open=True), default=None, metavar="SECONDS",
+              envvar="EXPO_RAY_S3_TIMEOUT", show_envvar=True,
+              help="How long one S3 operation may go unanswered or keep failing before it is reported (default "
+                   "120; each request waits a quarter of it). Anywhere on the line.")
+def main(verbose: bool, quiet: bool, s3_timeout: float | None) -> None:
     """ExPO weight extrapolation on Ray: theta = aligned + alpha * (aligned - sft).
 
     SRC is a model folder (safetensors shards, index, config, tokenizer): a local path,
@@ -80,6 +96,8 @@ def main(verbose: bool, quiet: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if verbose:
         os.environ["EXPO_RAY_ENGINE_LOGS"] = "live"  # Ray workers inherit the driver's environment
+    if s3_timeout is not None:
+        os.environ["EXPO_RAY_S3_TIMEOUT"] = f"{s3_timeout:g}"  # EXPO_RAY_* travel to the Ray tasks
 
 
 def _progress(no_progress: bool) -> bool:

@@ -21,6 +21,10 @@ class NotFound(StorageError):
     """The file or object does not exist (every storage backend raises this, never a bare StorageError)."""
 
 
+class SourceChanged(StorageError):
+    """An input file is no longer the version a plan read (its reads would mix two versions)."""
+
+
 class AlreadyExists(StorageError):
     """A create-if-absent write found the key already there (another run committed it first)."""
 

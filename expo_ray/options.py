@@ -36,7 +36,7 @@ DEFAULT_SEARCH_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 def format_alpha(alpha: float) -> str:
-    return repr(float(alpha))
+    return repr(float(alpha) + 0.0)  # + 0.0: -0.0 is 0.0, one variant
 
 
 def variant_name(alpha: float) -> str:
@@ -45,9 +45,9 @@ def variant_name(alpha: float) -> str:
 
 
 def finite_number(text: str, what: str, negative_ok: bool = True) -> float:
-    """``text`` as a finite float64 (one PlanError naming ``what`` otherwise)."""
+    """``text`` as a finite float64 (one PlanError naming ``what`` otherwise); ``-0`` is 0."""
     try:
-        value = float(text)
+        value = float(text) + 0.0
     except ValueError:
         raise PlanError(f"{what}: {text!r} is not a number") from None
     if not math.isfinite(value):

@@ -1,13 +1,24 @@
 """Helpers the tests share: tiny checkpoints the package does not build, reading tensors and
-storage back, an S3 bucket's files, a Hugging Face cache laid out as a download leaves it, and the
-vLLM tests' common settings."""
+storage back, an S3 bucket's files, a Hugging Face cache laid out as a download leaves it, what a
+loader sees in a variant folder, faults (a replaced shard, a frozen endpoint, a command killed
+mid-run), and the vLLM tests' common settings."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import selectors
 import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -241,6 +252,167 @@ def hf_cache_entry(cache: Path, repo: str, files: Path | Mapping[str, bytes], ki
     (base / "refs").mkdir(parents=True, exist_ok=True)
     (base / "refs" / "main").write_text(commit)
     return commit
+
+
+# ---------------------------------------------------------------------------------------------
+# What loaders see, and faults
+# ---------------------------------------------------------------------------------------------
+
+
+def loader_view(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Tensor name -> the files holding it, over every ``*.safetensors`` of ``folder`` found the way
+    vLLM finds them (``glob.glob(folder/*.safetensors)``; vLLM then keeps only the files an index
+    names when there is one, transformers and vLLM without an index load them all)."""
+    from safetensors import safe_open
+
+    seen: dict[str, list[str]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                seen.setdefault(name, []).append(os.path.basename(path))
+    return seen
+
+
+def assert_holds_exactly_its_manifest(folder: str | os.PathLike) -> None:
+    """``folder`` verifies, and a loader reading every ``*.safetensors`` there gets exactly the
+    tensors of the shards its manifest lists, each once (and every file a loader reads is listed)."""
+    from safetensors import safe_open
+
+    from expo_ray.publish.manifest import verify_variant
+    from expo_ray.storage import LocalStorage
+
+    folder = Path(folder)
+    result = verify_variant(LocalStorage(folder))
+    assert result.ok, result.problems
+    manifest = json.loads((folder / "manifest.json").read_text())
+    listed = {r["path"] for r in manifest["files"]}
+    present = {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} - {"manifest.json"}
+    assert present == listed, (sorted(present - listed), sorted(listed - present))
+    expected = set()
+    for shard in sorted(p for p in listed if p.endswith(".safetensors")):
+        with safe_open(str(folder / shard), "pt") as f:
+            expected.update(f.keys())
+    view = loader_view(folder)
+    assert {n: v for n, v in view.items() if len(v) > 1} == {}, "tensors in more than one file"
+    assert set(view) == expected
+
+
+def reorder_tensors(path: str | os.PathLike) -> tuple[str, str]:
+    """Rewrite a safetensors file with the data of two same-shaped tensors exchanged and its header
+    updated to match: a valid file of the same size and tensor names, the tensors in another order
+    (what a re-upload of a checkpoint saved by other code can be). Returns the two names."""
+    path = Path(path)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    groups: dict = {}
+    for name, entry in header.items():
+        groups.setdefault((entry["dtype"], tuple(entry["shape"])), []).append(name)
+    x, y = next(names[:2] for names in groups.values() if len(names) >= 2)
+    (xa, xb), (ya, yb) = header[x]["data_offsets"], header[y]["data_offsets"]
+    data = bytearray(raw[8 + n:])
+    data[xa:xb], data[ya:yb] = raw[8 + n + ya:8 + n + yb], raw[8 + n + xa:8 + n + xb]
+    header[x]["data_offsets"], header[y]["data_offsets"] = [ya, yb], [xa, xb]
+    body = json.dumps({**({"__metadata__": meta} if meta is not None else {}), **header},
+                      separators=(",", ":")).encode()
+    assert len(body) <= n
+    temp = path.with_name(path.name + ".new")
+    temp.write_bytes(raw[:8] + body + b" " * (n - len(body)) + bytes(data))
+    os.replace(temp, path)
+    return x, y
+
+
+@contextlib.contextmanager
+def frozen_endpoint():
+    """An endpoint URL that accepts connections and never answers (a hung server)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+EXPO = [sys.executable, "-m", "expo_ray"]
+
+
+def cli_env(**extra) -> dict:
+    """The environment of an `expo-ray` subprocess: a local Ray instance of its own."""
+    return dict(os.environ, RAY_ADDRESS="", **{k: str(v) for k, v in extra.items()})
+
+
+def start_cli(*args, **env) -> subprocess.Popen:
+    """`expo-ray ARGS` in its own process group (so that killing it kills its Ray instance too)."""
+    return subprocess.Popen([*EXPO, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(**env), start_new_session=True)
+
+
+def wait_for_stderr(proc: subprocess.Popen, needle: str, timeout: float = 240) -> list[str]:
+    """The stderr lines of ``proc`` up to the first holding ``needle``."""
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stderr, selectors.EVENT_READ)
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if selector.select(timeout=0.2):
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if needle in line:
+                return lines
+    kill_group(proc)
+    raise AssertionError(f"no {needle!r} on stderr within {timeout} s: {''.join(lines)}")
+
+
+def wait_until(predicate, what: str, timeout: float = 240, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the command ended (code {proc.returncode}) before {what}: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a command started by start_cli and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(60)
+
+
+def finish(proc: subprocess.Popen, lines: list[str] = (), timeout: float = 300) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command started by start_cli, once it ends."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+    return proc.returncode, out, "".join(lines) + err
+
+
+def error_lines(text: str) -> list[str]:
+    """The lines of a command's output that report a failure: `error:` lines and anything of a
+    traceback (remote ones included)."""
+    return [line for line in text.splitlines()
+            if line.startswith(("error:", "Traceback", " ", "\t")) or "ray::" in line or "Error:" in line]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Wrong results are never accepted silently, and every failure is one `error:` line naming the file
 and the problem (exit 1, no traceback, nothing committed): non-finite weights, overflowing alphas,
-empty or unloadable inputs, hangs, a full disk, deep or mistyped files, misleading messages."""
+empty or unloadable inputs, hangs (a FIFO in a model folder), a full disk, deep or mistyped files,
+misleading messages; and what is not a difference is not refused (-0, config defaults)."""
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import write_checkpoint
+from helpers import cli_env, error_lines, write_checkpoint
 
 from expo_ray.cli import main
 from expo_ray.publish.manifest import find_variants, verify_variant
@@ -167,9 +168,19 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_disk_full_is_one_line_and_nothing_is_committed(ray_local, bf16_pair, small_disk):
+@pytest.mark.slow
+@pytest.mark.parametrize("hashes", ["blake3", "sha256"])
+def test_disk_full_is_one_line_and_nothing_is_committed(pair_factory, small_disk, hashes):
+    """Inside a Ray task (byte ranges, or a whole shard with --sha256): the one line names the file
+    and the cause, exactly; no remote traceback, no task name."""
+    sft, aligned = pair_factory(dtype="bfloat16", aligned_shard_size=10 ** 9, seed=1)  # one model.safetensors
     out = small_disk / "out"
-    one_error(run_cli(*extrapolate_args(*bf16_pair, out, "--alpha", "0.5")), "No space left on device")
+    run = subprocess.run([EXPO, *map(str, extrapolate_args(sft, aligned, out, "--alpha", "0.5")),
+                          *(["--sha256"] if hashes == "sha256" else [])],
+                         capture_output=True, text=True, timeout=300, env=cli_env())
+    assert run.returncode == 1 and run.stdout == ""
+    assert error_lines(run.stderr) == [
+        f"error: {out}/alpha_0.5/model.safetensors: cannot write (No space left on device)"], run.stderr
     assert nothing_committed(out)
 
 
@@ -288,3 +299,66 @@ def test_fp8_tensors_are_named_as_fp8(ray_local, tmp_path):
     sft, aligned = tiny_pair(tmp_path, edit=fp8)
     one_error(run_cli(*extrapolate_args(sft, aligned, tmp_path / "o", "--alpha", "0.5")), "model.norm.scale",
               "FP8 (F8_E4M3)", "differs")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "LICENSE"])
+def test_a_fifo_or_device_in_a_model_folder_is_refused_by_name(bf16_pair, tmp_path, kind, name):
+    """Listing a folder refuses what is not a regular file (opening a FIFO would wait forever)."""
+    import shutil
+    import stat
+
+    aligned = tmp_path / "aligned"
+    shutil.copytree(bf16_pair[1], aligned)
+    (aligned / name).unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(aligned / name)
+    else:
+        try:
+            os.mknod(aligned / name, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # what /dev/zero is
+        except PermissionError:
+            pytest.skip("needs permission to create a device node")
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    for command in (("inspect", aligned), extrapolate_args(bf16_pair[0], aligned, tmp_path / "o", "--dry-run")):
+        run = subprocess.run([EXPO, *map(str, command)], capture_output=True, text=True, timeout=60, env=cli_env())
+        assert run.returncode == 1
+        assert error_lines(run.stdout + run.stderr) == [f"error: {aligned / name}: {what}, not a regular file; refused"]
+
+
+def test_minus_zero_is_alpha_zero(ray_local, bf16_pair, tmp_path):
+    out = tmp_path / "out"
+    first = run_cli(*extrapolate_args(*bf16_pair, out, "--alpha", "0"))
+    again = run_cli(*extrapolate_args(*bf16_pair, out, "--alpha", "-0"))
+    assert first.exit_code == 0 and f"{out}/alpha_0.0: written" in first.output.splitlines(), first.output
+    assert again.exit_code == 0 and f"{out}/alpha_0.0: already complete" in again.output.splitlines(), again.output
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("alpha")) == ["alpha_0.0"]
+    assert json.loads((out / "alpha_0.0" / "manifest.json").read_text())["alpha"] == 0.0
+    one_error(run_cli(*extrapolate_args(*bf16_pair, out, "--alpha", "0,-0.0", "--dry-run")), "repeats a value")
+
+
+@pytest.mark.parametrize("key,default", [("head_dim", 32), ("tie_word_embeddings", False),
+                                         ("num_key_value_heads", 2)])
+def test_a_config_that_leaves_out_a_default_matches_one_that_writes_it(bf16_pair, tmp_path, key, default):
+    """Pairs saved by different transformers versions: one writes the default (here: llama's, with
+    hidden_size 64 and 2 attention heads), the other leaves the key out."""
+    import shutil
+
+    sft, aligned = tmp_path / "sft", tmp_path / "aligned"
+    shutil.copytree(bf16_pair[0], sft)
+    shutil.copytree(bf16_pair[1], aligned)
+    config = json.loads((sft / "config.json").read_text())
+    assert (config["model_type"], config["hidden_size"], config["num_attention_heads"]) == ("llama", 64, 2)
+    config.pop(key)
+    (sft / "config.json").write_text(json.dumps(config))
+    (aligned / "config.json").write_text(json.dumps({**config, key: default}))
+    assert run_cli(*extrapolate_args(sft, aligned, tmp_path / "o", "--alpha", "0.5", "--dry-run")).exit_code == 0
+    other = (not default) if isinstance(default, bool) else default * 2  # not the default: a real difference
+    (aligned / "config.json").write_text(json.dumps({**config, key: other}))
+    one_error(run_cli(*extrapolate_args(sft, aligned, tmp_path / "o", "--dry-run")),
+              f"config.json {key}: sft={default!r} aligned={other!r}")
+    for folder in (sft, aligned):  # a model type whose defaults expo-ray does not know: compared as written
+        written = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**written, "model_type": "unknown-arch"}))
+    (aligned / "config.json").write_text(json.dumps({**config, "model_type": "unknown-arch", key: default}))
+    one_error(run_cli(*extrapolate_args(sft, aligned, tmp_path / "o", "--dry-run")),
+              f"config.json {key}: sft=None aligned={default!r}")

@@ -1,5 +1,6 @@
-"""Faults: a killed worker, a killed driver, an S3 outage, wrong credentials, a dead endpoint.
-Each asserts that nothing is lost and nothing half-written is visible. Every wait is bounded."""
+"""Faults: a killed worker, a killed driver, an S3 outage, wrong credentials, a dead or frozen
+endpoint. Each asserts that nothing is lost and nothing half-written is visible. Every wait is
+bounded."""
 import os
 import signal
 import subprocess
@@ -11,7 +12,17 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import local_files, make_bucket, s3_files, shards_only, upload_folder, write_checkpoint
+from helpers import (
+    cli_env,
+    error_lines,
+    frozen_endpoint,
+    local_files,
+    make_bucket,
+    s3_files,
+    shards_only,
+    upload_folder,
+    write_checkpoint,
+)
 
 from expo_ray.api import extrapolate
 from expo_ray.errors import ExpoError
@@ -178,3 +189,62 @@ def test_wrong_credentials_and_dead_endpoint(s3_server, s3_client, bf16_pair, tm
     env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", EXPO_RAY_S3_ATTEMPTS="2", RAY_ADDRESS="")
     run = subprocess.run([EXPO, "inspect", src], env=env, capture_output=True, text=True, timeout=WAIT_S)
     assert run.returncode == 1 and "cannot reach the S3 endpoint" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("how", ["--s3-timeout 8 after the command", "EXPO_RAY_S3_TIMEOUT=8"])
+def test_a_frozen_s3_endpoint_is_reported_within_the_timeout(how):
+    """An endpoint that accepts connections and never answers: one line within the limit (default
+    120 s, each request waiting a quarter of it), not botocore's and expo-ray's retries multiplied."""
+    with frozen_endpoint() as url:
+        env = cli_env(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
+                      AWS_DEFAULT_REGION="us-east-1")
+        args = [EXPO, "inspect", "s3://frozen/model"]
+        if how.startswith("--"):
+            args += ["--s3-timeout", "8"]
+        else:
+            env["EXPO_RAY_S3_TIMEOUT"] = "8"
+        began = time.monotonic()
+        run = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        took = time.monotonic() - began
+    assert run.returncode == 1 and error_lines(run.stdout + run.stderr) == [
+        "error: s3://frozen/model: S3 did not answer within the 8-second limit (ReadTimeoutError); for a slow "
+        "endpoint raise --s3-timeout (or EXPO_RAY_S3_TIMEOUT)"], run.stderr
+    assert took < 8 + 15, took  # the limit, plus starting Python
+
+
+def test_s3_requests_wait_a_quarter_of_the_timeout(monkeypatch):
+    from expo_ray.storage import s3
+
+    monkeypatch.delenv("EXPO_RAY_S3_TIMEOUT", raising=False)
+    assert s3.timeout_s() == 120
+    config = s3.client().meta.config
+    assert (config.read_timeout, config.connect_timeout, config.retries["total_max_attempts"]) == (30, 10, 1)
+    monkeypatch.setenv("EXPO_RAY_S3_TIMEOUT", "nope")
+    with pytest.raises(ExpoError, match="EXPO_RAY_S3_TIMEOUT='nope': the S3 timeout must be a positive number"):
+        s3.timeout_s()
+
+
+def test_the_fault_table_names_real_tests():
+    """docs/faults.md: every row names tests, and every test it names exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "docs" / "faults.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| fault |")) + 2
+    rows = []
+    for line in lines[start:]:  # the fault table: up to the first line that is not a row
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    assert len(rows) >= 20
+    for row in rows:
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        named, module = [], None
+        for ref in re.findall(r"`(test_\w+\.py(?:::test_\w+)?|test_\w+)`", cell):
+            if ".py" in ref:
+                module, _, ref = ref.partition("::")
+            if ref:
+                named.append((module, ref))
+        assert named or re.search(r"`test_\w+\.py`", cell), row
+        for module, name in named:
+            assert re.search(rf"^def {name}\(", (root / "tests" / module).read_text(), re.M), (module, name)

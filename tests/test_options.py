@@ -130,3 +130,14 @@ def test_values_an_object_refuses_together_are_a_usage_error(tmp_path):
                                        "--reward-model", str(tmp_path / "rm"), "--top-p", "0"])
     assert result.exit_code == 2 and "top_p must be in (0, 1], got 0.0" in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_minus_zero_is_zero():
+    import math
+
+    from expo_ray.options import format_alpha, parse_alphas, variant_name
+
+    for text in ("-0", "-0.0", "-0e5", "0"):
+        (alpha,) = parse_alphas(text)
+        assert alpha == 0.0 and math.copysign(1.0, alpha) == 1.0, text
+    assert variant_name(-0.0) == "alpha_0.0" and format_alpha(-0.0) == "0.0"

@@ -189,4 +189,22 @@ def test_lineage_reports_the_real_error_when_a_shard_cannot_be_opened(bf16_pair,
     shard = plan.shards[0]
     (copy / shard.key).unlink()
     with pytest.raises(StorageError):  # not an UnboundLocalError from the cleanup
-        shard_sums(shard, plan.sft_uri, plan.aligned_uri)
+        shard_sums(shard, plan.sources["sft"], plan.sources["aligned"])
+
+
+def test_config_defaults_are_transformers_defaults():
+    """The table of keys whose absence means a default is transformers' own, for every model type
+    in it: a config of that type built with the key left out gets the value the table gives."""
+    transformers = pytest.importorskip("transformers")
+    from expo_ray.checkpoint.config_defaults import DEFAULTS, filled
+
+    for model_type in DEFAULTS:
+        config = transformers.CONFIG_MAPPING[model_type](hidden_size=512, num_attention_heads=4)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        ours = filled({"model_type": model_type, "hidden_size": 512, "num_attention_heads": 4})
+        assert (ours["head_dim"], ours["num_key_value_heads"], ours["tie_word_embeddings"]) == (
+            head_dim, config.num_key_value_heads, config.tie_word_embeddings), model_type
+    written = {"model_type": "llama", "hidden_size": 512, "num_attention_heads": 4, "head_dim": 64,
+               "num_key_value_heads": 1, "tie_word_embeddings": True}
+    assert filled(written) == written and filled({"model_type": "unknown", "hidden_size": 1}) == {
+        "model_type": "unknown", "hidden_size": 1}

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import InvalidCheckpoint, StorageError
-from ..storage import Storage, clean_key, open_storage
+from ..storage import Source, Storage, clean_key
 from .safetensors_io import Header, TensorInfo, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,7 +36,7 @@ class TensorLocation:
     info: TensorInfo
 
 
-def read_json(storage: Storage, key: str) -> dict:
+def read_json(storage: Storage | Source, key: str) -> dict:
     data = storage.read_bytes(key, limit=MAX_JSON_BYTES)
     try:
         value = json.loads(data)
@@ -50,11 +50,16 @@ def read_json(storage: Storage, key: str) -> dict:
 
 
 class Checkpoint:
-    """Opens and validates a model folder from headers and small files only (no tensor data)."""
+    """Opens and validates a model folder from headers and small files only (no tensor data).
 
-    def __init__(self, storage: Storage, headers: dict[str, Header], weight_map: dict[str, str] | None,
+    `source` pins every file read here (index, config, shard headers) to the version read; a
+    plan pins the side files its commit copies too, and carries the source to the tasks and the
+    commit, whose reads must be of the same versions."""
+
+    def __init__(self, source: Source, headers: dict[str, Header], weight_map: dict[str, str] | None,
                  config: dict | None, files: list[str]):
-        self.storage = storage
+        self.source = source
+        self.storage = source.storage
         self.headers = headers  # shard key -> header, in shard order
         self.has_index = weight_map is not None
         self.config = config
@@ -85,14 +90,15 @@ class Checkpoint:
         return [f for f in AUX_FILES if f in self.files] + sorted(extra - set(AUX_FILES))
 
     @classmethod
-    def open(cls, source: str | Storage, require_config: bool = True) -> "Checkpoint":
-        storage = open_storage(source) if isinstance(source, str) else source
+    def open(cls, source: str | Storage | Source, require_config: bool = True) -> "Checkpoint":
+        source = Source.open(source)
+        storage = source.storage
         files = storage.list()
         top = [f for f in files if "/" not in f]
         if not files:
             raise InvalidCheckpoint(f"{storage.describe()}: no such model folder, or it is empty")
         if INDEX_FILE in top:
-            weight_map = cls._read_index(storage)
+            weight_map = cls._read_index(source)
             shards = sorted(set(weight_map.values()))
         elif SINGLE_FILE in top:
             weight_map, shards = None, [SINGLE_FILE]
@@ -108,8 +114,12 @@ class Checkpoint:
         if missing:
             raise InvalidCheckpoint(f"{storage.describe(INDEX_FILE)}: names shard {missing[0]!r}, which does not "
                                     "exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        def header(shard: str) -> Header:
+            with source.open_reader(shard) as reader:  # pins the shard to the version read
+                return read_header(storage, shard, reader)
+
         with ThreadPoolExecutor(max_workers=min(16, len(shards))) as pool:
-            headers = dict(zip(shards, pool.map(lambda s: read_header(storage, s), shards)))
+            headers = dict(zip(shards, pool.map(header, shards)))
 
         seen: dict[str, str] = {}
         for shard, header in headers.items():
@@ -133,13 +143,18 @@ class Checkpoint:
 
         config = None
         if "config.json" in top:
-            config = read_json(storage, "config.json")
+            config = read_json(source, "config.json")
         elif require_config:
             raise InvalidCheckpoint(f"{storage.describe('config.json')}: missing; a model folder needs its config.json")
-        return cls(storage, headers, weight_map, config, top)
+        return cls(source, headers, weight_map, config, top)
+
+    def side_files(self) -> list[str]:
+        """Files other than the shards that a variant's identity covers and its commit copies or
+        reads: the side files, and README.md (its licence goes into the variants' cards)."""
+        return self.aux_files() + (["README.md"] if "README.md" in self.files else [])
 
     @staticmethod
-    def _read_index(storage: Storage) -> dict[str, str]:
+    def _read_index(storage: Storage | Source) -> dict[str, str]:
         index = read_json(storage, INDEX_FILE)
         label = storage.describe(INDEX_FILE)
         weight_map = index.get("weight_map")

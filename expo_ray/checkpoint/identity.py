@@ -41,8 +41,7 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     and template file: two fine-tunes of one architecture have identical headers, and an edited
     config or chat template is another model."""
     shards = list(ckpt.headers)
-    # README.md too: the variants' cards carry over its licence.
-    side = ckpt.aux_files() + (["README.md"] if "README.md" in ckpt.files else [])
+    side = ckpt.side_files()  # README.md too: the variants' cards carry over its licence
     files = shards + side
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
         versions = dict(zip(files, pool.map(ckpt.storage.version, files)))

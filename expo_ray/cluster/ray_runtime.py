@@ -121,8 +121,9 @@ class ProgressBar:
                             file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         return self
 
-    def wait(self, refs: dict) -> list:
-        """Wait for all task refs, updating the bar; re-raises the first task error."""
+    def wait(self, refs: dict, describe=None) -> list:
+        """Wait for all task refs, updating the bar; re-raises the first task error (one line:
+        `describe(refs[ref])` names what the task was working on)."""
         ray = self.ray
         pending = list(refs)
         results = {}
@@ -130,7 +131,7 @@ class ProgressBar:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             try:
                 for ref in ready:
-                    results[ref] = _get(ray, ref)
+                    results[ref] = _get(ray, ref, describe(refs[ref]) if describe else "a Ray task")
             except Exception:
                 # The first failure is reported; the other tasks are stopped, and their errors
                 # (often the same one) are not dumped on the console as well.
@@ -153,14 +154,25 @@ class ProgressBar:
             self.ray.kill(self.tracker)
 
 
-def _get(ray, ref):
-    """ray.get, turning a task's ExpoError back into a plain ExpoError for the user."""
-    from ray.exceptions import RayTaskError
+def _get(ray, ref, what: str = "a Ray task"):
+    """ray.get, turning what a task met into one line for the user: its ExpoError as it was, an
+    OSError or MemoryError (disk full, I/O error, ...) named with the file it was working on
+    (`what`), a worker that died after its retries likewise. Other errors are bugs: raised as is."""
+    from ray import exceptions
 
     try:
         return ray.get(ref)
-    except RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
+    except exceptions.RayTaskError as exc:
+        cause = exc.cause if exc.cause is not None else exc.as_instanceof_cause()
         if isinstance(cause, ExpoError):
-            raise ExpoError(str(exc.cause) if exc.cause is not None else str(cause)) from None
+            raise cause.with_traceback(None) from None
+        if isinstance(cause, OSError):
+            where = cause.filename or what
+            raise ExpoError(f"{where}: {cause.strerror or cause}") from None
+        if isinstance(cause, MemoryError):
+            raise ExpoError(f"{what}: out of memory in a Ray task (lower --chunk-mib)") from None
         raise
+    except (exceptions.WorkerCrashedError, exceptions.OutOfMemoryError, exceptions.NodeDiedError) as exc:
+        reason = "out of memory (Ray's memory monitor killed it)" if isinstance(exc, exceptions.OutOfMemoryError) \
+            else "its worker or node died"
+        raise ExpoError(f"{what}: the Ray task failed after its retries: {reason}; see the Ray logs") from None

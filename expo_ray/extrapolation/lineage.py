@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..checkpoint.safetensors_io import decode_floats
-from ..storage import open_storage
+from ..storage import Source
 from .plan import COPY_IDENTICAL, LAYER_RE, Plan, ShardPlan
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -44,9 +44,9 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def shard_sums(shard: ShardPlan, sft_uri: str, aligned_uri: str) -> dict[str, tuple[float, float]]:
-    """name -> (sum of squared differences, sum of squared SFT weights), float64 accumulation."""
-    aligned, sft = open_storage(aligned_uri), open_storage(sft_uri)
+def shard_sums(shard: ShardPlan, sft: Source, aligned: Source) -> dict[str, tuple[float, float]]:
+    """name -> (sum of squared differences, sum of squared SFT weights), float64 accumulation
+    (the inputs read at the versions the plan pinned)."""
     sums = {}
     readers = {}
     a_reader = None
@@ -84,7 +84,7 @@ def lineage(plan: Plan, address: str | None = None) -> tuple[list[GroupChange], 
 
     ray = ensure_ray(address)
     task = ray.remote(shard_sums).options(**task_options(memory=3 * CHUNK_BYTES + 256 * 1024 * 1024))
-    results = ray.get([task.remote(s, plan.sft_uri, plan.aligned_uri) for s in plan.shards])
+    results = ray.get([task.remote(s, plan.sources["sft"], plan.sources["aligned"]) for s in plan.shards])
     groups: dict[str, GroupChange] = {}
     overall = GroupChange("overall", 0.0, 0.0, 0)
     for sums in results:

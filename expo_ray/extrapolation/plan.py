@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..checkpoint.config_defaults import filled
 from ..checkpoint.folder import Checkpoint, TensorLocation
 from ..checkpoint.identity import sources_fingerprint
 from ..checkpoint.safetensors_io import FLOAT_DTYPES
@@ -142,6 +143,7 @@ class TensorPlan:
 class ShardPlan:
     key: str                       # file name, the same as the aligned shard
     tensors: tuple[TensorPlan, ...]
+    metadata: dict = field(default_factory=dict)  # the aligned shard's header metadata, kept in the outputs
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +162,9 @@ class Plan:
     has_index: bool
     source_fingerprint: str
     counts: dict = field(default_factory=dict)
+    # The inputs by role ("sft", "aligned"), opened once when planning and pinned to the versions
+    # the plan read: every later read (tasks, commit) is of those versions (expo_ray.storage.pinned).
+    sources: dict = field(default_factory=dict)
 
     @property
     def variants(self) -> list[str]:
@@ -187,10 +192,11 @@ def _config_types(ckpt: Checkpoint) -> list[str]:
 
 
 def _compare_configs(sft: Checkpoint, aligned: Checkpoint, options: PlanOptions) -> list[str]:
-    a, s = aligned.config or {}, sft.config or {}
     problems = _config_types(sft) + _config_types(aligned)
     if problems:
         return problems
+    # A key one config leaves out means transformers' default (checkpoint.config_defaults).
+    a, s = filled(aligned.config), filled(sft.config)
     for key in STRUCTURAL_KEYS:
         if key == "vocab_size" and options.allow_added_rows and a.get(key, 0) >= s.get(key, 0):
             continue
@@ -205,13 +211,14 @@ def _compare_configs(sft: Checkpoint, aligned: Checkpoint, options: PlanOptions)
 def make_plan(sft: str, aligned: str, alphas: Sequence[float], options: PlanOptions = PlanOptions()) -> Plan:
     """Open both checkpoints (headers only), pair tensors by name and validate."""
     rules = AlphaRules.build(list(options.scales), options.layer_scales, list(options.exclude))
-    return build_plan(Checkpoint.open(sft), Checkpoint.open(aligned), tuple(float(a) for a in alphas), rules, options)
+    alphas = tuple(float(a) + 0.0 for a in alphas)  # + 0.0: -0.0 is 0.0
+    return build_plan(Checkpoint.open(sft), Checkpoint.open(aligned), alphas, rules, options)
 
 
 def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
                rules: AlphaRules = AlphaRules(), options: PlanOptions = PlanOptions()) -> Plan:
     """Pair, validate and lay out every tensor; raise PlanError listing all differences."""
-    if sft.storage.location() == aligned.storage.location():
+    if sft.source.location == aligned.source.location:
         raise PlanError(f"{aligned.uri}: --sft and --aligned are the same model folder; every variant would "
                         "equal the aligned model")
     for alpha in alphas:
@@ -242,9 +249,10 @@ def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
             else:
                 planned.append(plan)
                 counts[plan.action] += 1
-        shards.append(ShardPlan(shard_key, tuple(planned)))
+        metadata = {k: v for k, v in header.metadata.items() if not k.startswith("expo_ray.")}
+        shards.append(ShardPlan(shard_key, tuple(planned), metadata))
 
-    tie = bool((aligned.config or {}).get("tie_word_embeddings"))
+    tie = bool(filled(aligned.config).get("tie_word_embeddings"))
     if tie:
         by_name = {t.name: t for s in shards for t in s.tensors}
         tied = [by_name[n] for n in EMBED_NAMES + HEAD_NAMES if n in by_name]
@@ -257,9 +265,12 @@ def build_plan(sft: Checkpoint, aligned: Checkpoint, alphas: tuple[float, ...],
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise PlanError(f"{sft.uri} (sft) and {aligned.uri} (aligned) cannot be extrapolated:\n  "
                         + "\n  ".join(shown) + more)
+    for key in aligned.side_files():  # what the commit copies, pinned now
+        aligned.source.pin(key)
     fingerprint = sources_fingerprint(sft, aligned)
     return Plan(sft.uri, aligned.uri, tuple(alphas), rules, options, tuple(shards),
-                tuple(aligned.aux_files()), aligned.has_index, fingerprint, counts)
+                tuple(aligned.aux_files()), aligned.has_index, fingerprint, counts,
+                {"sft": sft.source, "aligned": aligned.source})
 
 
 def _plan_tensor(name, loc, other, rules, options, num_layers):

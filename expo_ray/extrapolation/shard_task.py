@@ -24,7 +24,7 @@ from ..checkpoint.folder import MANIFEST_FILE
 from ..checkpoint.safetensors_io import encode_header
 from ..errors import ExpoError
 from ..options import format_alpha
-from ..storage import Reader, Storage, Writer, open_storage
+from ..storage import Reader, Source, Storage, Writer, open_storage
 from . import kernel
 from .finite import check_chunk
 from .plan import COMPUTED, COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, ShardPlan, TensorPlan
@@ -45,13 +45,12 @@ class ShardJob:
     """Everything a task needs, small enough to send to a Ray worker."""
 
     shard: ShardPlan
-    sft_uri: str
-    aligned_uri: str
+    sft: Source                 # the inputs, pinned to the versions the plan read: a file
+    aligned: Source             # replaced since is refused when opened, never mixed in
     out_uri: str
     alphas: tuple[float, ...]
     variants: tuple[str, ...]   # folder per alpha, relative to out_uri
     fingerprints: tuple[str, ...]  # identity of each variant (inputs, alpha, rules), for resume
-    metadata: dict              # aligned shard metadata to keep in the output header
     chunk_bytes: int
     allow_nonfinite: bool = False  # inputs may hold NaN/Inf (else refused)
     hashes: tuple[str, ...] = hashing.DEFAULT  # content hashes recorded for each output
@@ -66,7 +65,7 @@ def chunk_elements(chunk_bytes: int, itemsize: int, n_alphas: int) -> int:
 
 
 def output_header(job: ShardJob, alpha: float) -> bytes:
-    metadata = dict(job.metadata)
+    metadata = dict(job.shard.metadata)
     metadata.setdefault("format", "pt")
     metadata.update({
         "expo_ray.version": __version__,
@@ -208,15 +207,16 @@ def run_shard(job: ShardJob, progress=None) -> dict:
 
 
 class _Readers:
-    """Readers of the input shards a job needs, opened on first use."""
+    """Readers of the input shards a job needs, opened on first use (each checked against the
+    version the plan read)."""
 
     def __init__(self, job: ShardJob):
-        self.stores = {"aligned": open_storage(job.aligned_uri), "sft": open_storage(job.sft_uri)}
+        self.sources = {"aligned": job.aligned, "sft": job.sft}
         self.open: dict[tuple[str, str], Reader] = {}
 
     def __call__(self, which: str, shard: str) -> Reader:
         if (which, shard) not in self.open:
-            self.open[(which, shard)] = self.stores[which].open_reader(shard)
+            self.open[(which, shard)] = self.sources[which].open_reader(shard)
         return self.open[(which, shard)]
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ import numpy as np
 from ..checkpoint.folder import Checkpoint
 from ..checkpoint.safetensors_io import read_rows, read_tensor
 from ..errors import ExpoError
-from ..storage import open_storage
 from . import kernel
 from .plan import COMPUTED, COPY_IDENTICAL, EXTEND_ROWS, EXTRAPOLATE, Plan, TensorPlan
 
@@ -70,7 +69,7 @@ def _valid(part: Slice, shape: tuple[int, ...]) -> bool:
 
 
 class _Readers:
-    """One open reader per shard of a storage location, closed together."""
+    """One open reader per shard of a source (pinned: see expo_ray.storage.pinned), closed together."""
 
     def __init__(self, storage):
         self.storage, self.opened = storage, {}
@@ -87,7 +86,7 @@ class _Readers:
 
 def iter_stored(ckpt: Checkpoint, part_of: Callable[[str], Slice], stats: dict) -> Iterator[Tensor]:
     """The tensors of ``ckpt`` as stored, one at a time (``part_of(name)``: the part to read)."""
-    reader = _Readers(ckpt.storage)
+    reader = _Readers(ckpt.source)
     try:
         for name, loc in ckpt.tensors.items():
             info = loc.info
@@ -104,7 +103,7 @@ def iter_stored(ckpt: Checkpoint, part_of: Callable[[str], Slice], stats: dict) 
 def iter_theta(plan: Plan, alpha: float, part_of: Callable[[str], Slice], stats: dict) -> Iterator[Tensor]:
     """theta(alpha) of every tensor of ``plan``, one at a time, bit-identical to what
     ``expo-ray extrapolate`` writes (``part_of(name)``: the part to read and compute)."""
-    a_reader, s_reader = _Readers(open_storage(plan.aligned_uri)), _Readers(open_storage(plan.sft_uri))
+    a_reader, s_reader = _Readers(plan.sources["aligned"]), _Readers(plan.sources["sft"])
     try:
         for shard in plan.shards:
             for t in shard.tensors:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..checkpoint.safetensors_io import FLOAT_DTYPES, Header, TensorInfo, read_header
 from ..errors import InvalidCheckpoint
-from ..storage import Storage, open_storage
+from ..storage import Source, Storage, open_storage
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -89,6 +89,9 @@ class Adapter:
     modules: tuple[LowRank, ...]
     whole: tuple[Whole, ...]
     files: tuple[str, ...]    # the folder's top-level files
+    # The folder, pinned to the versions of the files read here (expo_ray.storage.pinned): a plan
+    # carries it to the tasks and the commit, whose reads must be of those versions.
+    source: Source | None = None
 
     @property
     def base_model(self) -> str:
@@ -109,7 +112,7 @@ class Adapter:
         return [f for f in TOKENIZER_FILES if f in self.files] + extra
 
     def describe(self, key: str = "") -> str:
-        return open_storage(self.uri).describe(key)
+        return (self.source.storage if self.source is not None else open_storage(self.uri)).describe(key)
 
 
 def is_adapter(source: str | Storage) -> bool:
@@ -242,15 +245,17 @@ def classify(header: Header, config: dict, label: str) -> tuple[tuple[LowRank, .
     return tuple(modules), tuple(whole)
 
 
-def open_adapter(source: str | Storage) -> Adapter:
-    """Read and validate the adapter at ``source`` (local path, s3://, hf://): config and header only."""
-    storage = open_storage(source) if isinstance(source, str) else source
+def open_adapter(source: str | Storage | Source) -> Adapter:
+    """Read and validate the adapter at ``source`` (local path, s3://, hf://): config and header only,
+    each pinned to the version read."""
+    pinned = Source.open(source)
+    storage = pinned.storage
     files = [f for f in storage.list() if "/" not in f]
     if CONFIG_FILE not in files:
         raise InvalidCheckpoint(f"{storage.describe()}: not a PEFT adapter folder (no {CONFIG_FILE})")
     label = storage.describe(CONFIG_FILE)
     try:
-        config = json.loads(storage.read_bytes(CONFIG_FILE, limit=MAX_CONFIG_BYTES))
+        config = json.loads(pinned.read_bytes(CONFIG_FILE, limit=MAX_CONFIG_BYTES))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidCheckpoint(f"{label}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
@@ -262,6 +267,7 @@ def open_adapter(source: str | Storage) -> Adapter:
             raise InvalidCheckpoint(f"{storage.describe(pickles[0])}: pickle adapters are never loaded (unpickling "
                                     "runs arbitrary code); save it with safe_serialization=True")
         raise InvalidCheckpoint(f"{storage.describe()}: no {WEIGHTS_FILE}")
-    header = read_header(storage, WEIGHTS_FILE)
+    with pinned.open_reader(WEIGHTS_FILE) as reader:
+        header = read_header(storage, WEIGHTS_FILE, reader)
     modules, whole = classify(header, config, storage.describe(WEIGHTS_FILE))
-    return Adapter(storage.uri, config, header, modules, whole, tuple(sorted(files)))
+    return Adapter(storage.uri, config, header, modules, whole, tuple(sorted(files)), pinned)

@@ -26,19 +26,19 @@ def _delta_sums(adapter, fit, sft: Checkpoint) -> dict[str, float]:
     for t in fit.targets:
         if t.sft.info.name in whole:
             continue
-        a, b = load_matrix(adapter.uri, t.lora.a), load_matrix(adapter.uri, t.lora.b)
+        a, b = load_matrix(adapter.source, t.lora.a), load_matrix(adapter.source, t.lora.b)
         sums[t.sft.info.name] = t.lora.scale ** 2 * float(np.sum((b.T @ b) * (a @ a.T)))
         if t.sft_bias is not None and t.sft_bias.info.name not in whole:
-            bias = load_matrix(adapter.uri, t.lora.bias)
+            bias = load_matrix(adapter.source, t.lora.bias)
             sums[t.sft_bias.info.name] = t.lora.scale ** 2 * float(bias @ bias)
     targets = {t.sft.info.name: t for t in fit.targets}
     for name, r in whole.items():  # theta(0) of the merged form, against the SFT tensor
         t = targets.get(name)
         loc = sft.tensors[name]
-        with sft.storage.open_reader(loc.shard) as reader:
+        with sft.source.open_reader(loc.shard) as reader:
             s_bytes = reader.read(loc.info.start, loc.info.nbytes)
         spec = dict(scale=t.lora.scale, a=t.lora.a, b=t.lora.b, transposed=t.transposed) if t else {}
-        delta = LoraDelta(name, adapter.uri, loc.info.dtype, tuple(loc.info.shape), whole=r.whole.info, **spec)
+        delta = LoraDelta(name, adapter.source, loc.info.dtype, tuple(loc.info.shape), whole=r.whole.info, **spec)
         (theta,) = delta.chunk(0, loc.info.numel, s_bytes, [0.0])
         diff = decode_floats(theta.tobytes(), loc.info.dtype).astype(np.float64) - \
             decode_floats(s_bytes, loc.info.dtype).astype(np.float64)
@@ -55,7 +55,8 @@ def adapter_lineage(sft_uri: str, adapter_uri: str, address: str | None = None
                                                    TensorLocation(key, i), EXTRAPOLATE)
                                         for i in header.tensors if i.dtype in FLOAT_DTYPES))
                    for key, header in sft.headers.items())
-    itself = Plan(sft.uri, sft.uri, (1.0,), AlphaRules(), PlanOptions(), shards, (), sft.has_index, "", {})
+    itself = Plan(sft.uri, sft.uri, (1.0,), AlphaRules(), PlanOptions(), shards, (), sft.has_index, "", {},
+                  {"sft": sft.source, "aligned": sft.source})
     groups, overall = lineage(itself, address)  # every delta 0, the SFT norms per group
     by_group = {g.group: g for g in groups}
     for name, d2 in _delta_sums(adapter, fit, sft).items():

@@ -21,7 +21,7 @@ import numpy as np
 from ..checkpoint.safetensors_io import TensorInfo, decode_floats
 from ..errors import ExpoError
 from ..extrapolation import kernel
-from ..storage import open_storage
+from ..storage import Source
 
 BLOCK_ELEMENTS = 1 << 20   # float64 temporaries per block: 8 MiB each
 _CACHE_ENTRIES = 8         # decoded lora_A / lora_B matrices kept per process (they are small)
@@ -29,29 +29,32 @@ _cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
 
-def read_raw(uri: str, info: TensorInfo, start: int = 0, count: int | None = None) -> bytes:
-    """The bytes of elements [start, start + count) of tensor ``info`` of the adapter file at ``uri``."""
+def read_raw(adapter: Source, info: TensorInfo, start: int = 0, count: int | None = None) -> bytes:
+    """The bytes of elements [start, start + count) of tensor ``info`` of the adapter file, at the
+    version ``adapter`` pinned (an adapter folder opened when planning)."""
     from .adapter import WEIGHTS_FILE
 
     count = info.numel - start if count is None else count
-    with open_storage(uri).open_reader(WEIGHTS_FILE) as reader:
+    with adapter.open_reader(WEIGHTS_FILE) as reader:
         return reader.read(info.start + start * info.itemsize, count * info.itemsize)
 
 
-def read_floats(uri: str, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
-    """Elements [start, start + count) of tensor ``info`` of the adapter file at ``uri``, as float64."""
-    return decode_floats(read_raw(uri, info, start, count), info.dtype).astype(np.float64)
+def read_floats(adapter: Source, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
+    """Elements [start, start + count) of tensor ``info`` of the adapter file, as float64."""
+    return decode_floats(read_raw(adapter, info, start, count), info.dtype).astype(np.float64)
 
 
-def load_matrix(uri: str, info: TensorInfo) -> np.ndarray:
-    key = (uri, info.name, info.start)
+def load_matrix(adapter: Source, info: TensorInfo) -> np.ndarray:
+    from .adapter import WEIGHTS_FILE
+
+    key = (adapter.uri, adapter.pins.get(WEIGHTS_FILE), info.name, info.start)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    values = read_floats(uri, info).reshape(info.shape)
+    values = read_floats(adapter, info).reshape(info.shape)
     if not np.isfinite(values).all():
-        raise ExpoError(f"{open_storage(uri).describe()}: tensor {info.name} holds NaN or Inf values; refused")
+        raise ExpoError(f"{adapter.describe()}: tensor {info.name} holds NaN or Inf values; refused")
     with _lock:
         _cache[key] = values
         while len(_cache) > _CACHE_ENTRIES:
@@ -68,7 +71,7 @@ class LoraDelta:
     """
 
     name: str
-    adapter_uri: str
+    adapter: Source                 # the adapter folder, pinned when planning
     dtype: str                      # the SFT tensor's dtype: the output's
     shape: tuple[int, ...]
     scale: float = 0.0
@@ -86,7 +89,7 @@ class LoraDelta:
         outs = outs if outs is not None else [np.empty(count, dtype=bits) for _ in alphas]
         low_rank = self.a is not None or self.bias is not None
         if not low_rank and self.whole.dtype == self.dtype:  # the kernel, exactly as for full checkpoints
-            w_bits = np.frombuffer(read_raw(self.adapter_uri, self.whole, start, count), dtype=bits)
+            w_bits = np.frombuffer(read_raw(self.adapter, self.whole, start, count), dtype=bits)
             s_bits = np.frombuffer(sft_bytes, dtype=bits)
             kernel.extrapolate_into(self.dtype, w_bits, s_bits, alphas, outs)
             self._check(outs, alphas, w_bits, s_bits)
@@ -97,7 +100,7 @@ class LoraDelta:
             for lo in range(0, count, block):
                 hi = min(count, lo + block)
                 s = decode_floats(memoryview(sft_bytes)[lo * itemsize:hi * itemsize], self.dtype).astype(np.float64)
-                w = read_floats(self.adapter_uri, self.whole, start + lo, hi - lo) if self.whole else None
+                w = read_floats(self.adapter, self.whole, start + lo, hi - lo) if self.whole else None
                 d = self._delta(start + lo, hi - lo) if low_rank else None
                 for alpha, out in zip(alphas, outs):
                     value = s if w is None else w + alpha * (w - s)
@@ -113,10 +116,10 @@ class LoraDelta:
     def _delta(self, start: int, count: int) -> np.ndarray:
         """B @ A (or b) for flat elements [start, start + count), in float64."""
         if self.a is None:  # a bias
-            return load_matrix(self.adapter_uri, self.bias)[start:start + count]
+            return load_matrix(self.adapter, self.bias)[start:start + count]
         cols = self.shape[1]
         r0, r1 = start // cols, (start + count - 1) // cols + 1
-        a, b = load_matrix(self.adapter_uri, self.a), load_matrix(self.adapter_uri, self.b)
+        a, b = load_matrix(self.adapter, self.a), load_matrix(self.adapter, self.b)
         rows = a[:, r0:r1].T @ b.T if self.transposed else b[r0:r1] @ a  # (r1 - r0, cols)
         offset = start - r0 * cols
         return rows.reshape(-1)[offset:offset + count]

@@ -42,7 +42,7 @@ from ..extrapolation.plan import (
     TensorPlan,
 )
 from ..options import PlanOptions
-from ..storage import open_storage
+from ..storage import Source, open_storage
 from .adapter import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, Adapter, is_adapter, open_adapter
 from .merge import LoraDelta
 from .validate import Fit, fit_adapter
@@ -95,10 +95,10 @@ def scaled_config(config: dict, module_scales: dict[str, float], alpha: float) -
 
 def adapter_fingerprint(adapter: Adapter) -> str:
     """The adapter's identity: its weights' header and version, its config's and side files' versions."""
-    store = open_storage(adapter.uri)
-    ckpt = Checkpoint(store, {WEIGHTS_FILE: adapter.header}, None, None, list(adapter.files))
+    source = adapter.source or Source.open(adapter.uri)
+    ckpt = Checkpoint(source, {WEIGHTS_FILE: adapter.header}, None, None, list(adapter.files))
     return hashlib.sha256((checkpoint_fingerprint(ckpt)
-                           + json.dumps([CONFIG_FILE, store.version(CONFIG_FILE)])).encode()).hexdigest()
+                           + json.dumps([CONFIG_FILE, source.storage.version(CONFIG_FILE)])).encode()).hexdigest()
 
 
 def adapter_identity(uri: str) -> str:
@@ -133,7 +133,8 @@ def make_plan(sft: str, aligned: str, alphas: Sequence[float], options: PlanOpti
             raise PlanError(f"{open_storage(aligned).describe()}: --adapter-variants needs a LoRA adapter as the "
                             "aligned model (a folder with adapter_config.json)")
         return full_plan(sft, aligned, alphas, options)
-    return lora_plan(Checkpoint.open(sft), open_adapter(aligned), tuple(float(a) for a in alphas), options)
+    alphas = tuple(float(a) + 0.0 for a in alphas)  # + 0.0: -0.0 is 0.0
+    return lora_plan(Checkpoint.open(sft), open_adapter(aligned), alphas, options)
 
 
 def lora_plan(sft: Checkpoint, adapter: Adapter, alphas: tuple[float, ...],
@@ -155,7 +156,19 @@ def lora_plan(sft: Checkpoint, adapter: Adapter, alphas: tuple[float, ...],
                                  ).hexdigest()
     num_layers = _num_layers(sft)
     build = _merged if form == MERGED else _adapter_form
-    return build(sft, adapter, fit, alphas, rules, options, num_layers, fingerprint)
+    plan = build(sft, adapter, fit, alphas, rules, options, num_layers, fingerprint)
+    # What the commit copies, pinned now (the adapter's card too: its licence goes into the variants').
+    by_uri = {s.uri: s for s in plan.sources.values()}
+    for key, uri in plan.side:
+        by_uri[uri].pin(key)
+    if "README.md" in adapter.files:
+        plan.sources["adapter"].pin("README.md")
+    return plan
+
+
+def _metadata(header) -> dict:
+    """A shard header's metadata kept in the outputs (not expo-ray's own)."""
+    return {k: v for k, v in header.metadata.items() if not k.startswith("expo_ray.")}
 
 
 def _adapter_form(sft, adapter, fit: Fit, alphas, rules, options, num_layers, fingerprint) -> LoraPlan:
@@ -181,9 +194,11 @@ def _adapter_form(sft, adapter, fit: Fit, alphas, rules, options, num_layers, fi
                         + (f"; and {len(problems) - 1} more" if len(problems) > 1 else ""))
     module_scales = tuple((t.lora.module, rules.scale_for(t.lora.base, num_layers)) for t in fit.targets)
     side = tuple((f, adapter.uri) for f in adapter.side_files())
-    return LoraPlan(sft.uri, adapter.uri, alphas, rules, options, (ShardPlan(WEIGHTS_FILE, tuple(tensors)),),
-                    (), False, fingerprint, counts, form=ADAPTER, adapter_uri=adapter.uri,
-                    adapter_config=adapter.config, module_scales=module_scales, side=side)
+    shards = (ShardPlan(WEIGHTS_FILE, tuple(tensors), _metadata(adapter.header)),)
+    return LoraPlan(sft.uri, adapter.uri, alphas, rules, options, shards, (), False, fingerprint, counts,
+                    {"sft": sft.source, "aligned": adapter.source, "adapter": adapter.source},
+                    form=ADAPTER, adapter_uri=adapter.uri, adapter_config=adapter.config,
+                    module_scales=module_scales, side=side)
 
 
 def _merged(sft, adapter, fit: Fit, alphas, rules, options, num_layers, fingerprint) -> LoraPlan:
@@ -209,13 +224,14 @@ def _merged(sft, adapter, fit: Fit, alphas, rules, options, num_layers, fingerpr
             if spec is None:
                 planned.append(TensorPlan(info.name, info.dtype, info.shape, loc, None, COPY))
             else:
-                delta = LoraDelta(info.name, adapter.uri, info.dtype, tuple(info.shape), **spec)
+                delta = LoraDelta(info.name, adapter.source, info.dtype, tuple(info.shape), **spec)
                 planned.append(TensorPlan(info.name, info.dtype, info.shape, loc, loc, COMPUTED,
                                           rules.scale_for(info.name, num_layers), compute=delta))
             counts[planned[-1].action] += 1
-        shards.append(ShardPlan(shard_key, tuple(planned)))
+        shards.append(ShardPlan(shard_key, tuple(planned), _metadata(header)))
     return LoraPlan(sft.uri, sft.uri, alphas, rules, options, tuple(shards), tuple(sft.aux_files()), sft.has_index,
-                    fingerprint, counts, form=MERGED, adapter_uri=adapter.uri, adapter_config=adapter.config,
+                    fingerprint, counts, {"sft": sft.source, "aligned": sft.source, "adapter": adapter.source},
+                    form=MERGED, adapter_uri=adapter.uri, adapter_config=adapter.config,
                     side=_merged_side(sft, adapter))
 
 

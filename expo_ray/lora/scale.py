@@ -9,11 +9,9 @@ import os
 from pathlib import Path
 
 from ..checkpoint.folder import Checkpoint
-from ..checkpoint.safetensors_io import read_header
 from ..extrapolation.shard_task import ShardJob, run_shard
 from ..options import PlanOptions
-from ..storage import open_storage
-from .adapter import CONFIG_FILE, WEIGHTS_FILE, open_adapter
+from .adapter import CONFIG_FILE, open_adapter
 from .plan import lora_plan
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -30,10 +28,8 @@ def write_adapter_variant(sft: str, adapter: str, alpha: float, out_dir: str,
     out = Path(out_dir)
     root, name = str(out.parent), out.name
     os.makedirs(out, exist_ok=True)
-    metadata = {k: v for k, v in read_header(open_storage(plan.aligned_uri), WEIGHTS_FILE).metadata.items()
-                if not k.startswith("expo_ray.")}
-    job = ShardJob(plan.shards[0], plan.sft_uri, plan.aligned_uri, root, (float(alpha),), (name,), ("local",),
-                   metadata, CHUNK_BYTES, options.allow_nonfinite)
+    job = ShardJob(plan.shards[0], plan.sources["sft"], plan.sources["aligned"], root, (float(alpha),), (name,),
+                   ("local",), CHUNK_BYTES, options.allow_nonfinite)
     run_shard(job)
     (out / CONFIG_FILE).write_text(json.dumps(plan.config_for(alpha), indent=2, sort_keys=True) + "\n")
     return str(out)

@@ -18,7 +18,6 @@ from ..checkpoint.folder import INDEX_FILE
 from ..lora.adapter import CONFIG_FILE
 from ..lora.plan import ADAPTER, LoraPlan
 from ..options import format_alpha
-from ..storage import open_storage
 from .modelcard import TAGS, canonical_command, hub_repo, source_card_data
 
 MAX_SIDE_BYTES = 512 * 1024 * 1024
@@ -32,10 +31,16 @@ def lora_payload(plan: LoraPlan, alpha: float, source_card: str = "") -> dict[st
     else:
         index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
         files[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
-    for key, uri in plan.side:
-        files[key] = open_storage(uri).read_bytes(key, limit=MAX_SIDE_BYTES)
+    sources = {s.uri: s for s in plan.sources.values()}
+    for key, uri in plan.side:  # at the versions the plan pinned
+        files[key] = sources[uri].read_bytes(key, limit=MAX_SIDE_BYTES)
     files["README.md"] = lora_card(plan, alpha, source_card).encode()
     return files
+
+
+def lora_file_names(plan: LoraPlan) -> list[str]:
+    """The names lora_payload writes (a variant folder of the plan holds these and its shards)."""
+    return [CONFIG_FILE if plan.form == ADAPTER else INDEX_FILE, *(key for key, _ in plan.side), "README.md"]
 
 
 def lora_command(plan: LoraPlan, alpha: float) -> str:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from datetime import datetime, timezone
 
 from .._version import __version__
 from ..checkpoint import hashing
 from ..checkpoint.folder import INDEX_FILE
-from ..errors import AlreadyExists, ExpoError, StorageError
+from ..errors import AlreadyExists, ExpoError, SourceChanged, StorageError
 from ..extrapolation.plan import Plan, plan_summary
-from ..extrapolation.shard_task import RECEIPTS, receipt_key
+from ..extrapolation.shard_task import RECEIPTS
 from ..lora.plan import LoraPlan
-from ..storage import Storage, open_storage
+from ..storage import Source, Storage
+from .lease import Lease, LeaseLost, remove_own, settle_folder
 from .manifest import FORMAT, file_record, find_variants, read_manifest, write_manifest
 from .modelcard import MERGEKIT_FILE, canonical_command, mergekit_config, model_card
 
@@ -28,6 +31,9 @@ log = logging.getLogger("expo_ray")
 ROOT_INDEX = "expo-ray-index.json"
 COMMITTED_BY_OTHER = "already committed by another run"
 MAX_CARD_BYTES = 4 * 1024 * 1024  # the aligned model's README.md, read for its licence
+# Fault-injection knob for tests of runs killed mid-commit: sleep this many seconds between the
+# side files and the manifest.
+COMMIT_DELAY_S = float(os.environ.get("EXPO_RAY_COMMIT_DELAY_S", "0") or 0)
 
 
 def same_job_committed(variant: Storage, fingerprint: str) -> bool:
@@ -39,34 +45,42 @@ def same_job_committed(variant: Storage, fingerprint: str) -> bool:
     return existing is not None and existing.get("fingerprint") == fingerprint
 
 
+def owned_files(plan: Plan) -> list[str]:
+    """Every file a committed variant of `plan` holds besides its manifest."""
+    if isinstance(plan, LoraPlan):
+        from .adapter_files import lora_file_names
+
+        return [s.key for s in plan.shards] + lora_file_names(plan)
+    return [s.key for s in plan.shards] + [INDEX_FILE, *plan.aux_files, "README.md", MERGEKIT_FILE]
+
+
 def commit_variant(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], fingerprint: str,
-                   hashes: tuple[str, ...] = hashing.DEFAULT) -> str:
+                   hashes: tuple[str, ...] = hashing.DEFAULT, lease: Lease | None = None) -> str:
     """Index, config and tokenizer files, model card, then the manifest LAST (create-if-absent);
-    returns "written" or COMMITTED_BY_OTHER. Every byte is fixed before anything is written."""
-    outcome = _commit(plan, out, name, alpha, records, fingerprint, hashes)
-    for r in records:  # the variant's manifest now vouches for its shards
-        out.delete(receipt_key(name, r["shard"]))
+    returns "written" or COMMITTED_BY_OTHER. Every byte is fixed before anything is written: the
+    side files are read at the versions the plan pinned, and the folder is made to hold exactly
+    the manifest's files (leftovers of expo-ray runs removed, anything else refused) while this
+    run holds its lease."""
+    outcome = _commit(plan, out, name, alpha, records, fingerprint, hashes, lease)
+    for key in out.list(f"{RECEIPTS}/{name}"):  # the variant's manifest now vouches for its shards
+        out.delete(key)
     return outcome
 
 
 def _commit(plan: Plan, out: Storage, name: str, alpha: float, records: list[dict], fingerprint: str,
-            hashes: tuple[str, ...]) -> str:
+            hashes: tuple[str, ...], lease: Lease | None) -> str:
     variant = out.child(name)
-    # Attempts of tasks that were killed and retried may have left temp files / uploads behind.
-    leftovers = out.cleanup_incomplete(name)
-    if leftovers:
-        log.info("%s: removed %d leftover(s) of killed task attempts", variant.describe(), leftovers)
     files = [{"path": r["shard"], **{k: v for k, v in r["files"][name].items() if k != "version"}} for r in records]
     summary = plan_summary(plan)
     if isinstance(plan, LoraPlan):  # the aligned model is a LoRA adapter: its own side files and card
         from .adapter_files import lora_manifest_fields, lora_payload
 
-        payload = lora_payload(plan, alpha, _source_card(open_storage(plan.adapter_uri)))
+        payload = lora_payload(plan, alpha, _source_card(plan.sources["adapter"]))
         about = lora_manifest_fields(plan, alpha)
     else:
         index = {"metadata": {"total_size": plan.model_bytes}, "weight_map": plan.weight_map()}
         payload = {INDEX_FILE: (json.dumps(index, indent=2) + "\n").encode()}
-        aligned = open_storage(plan.aligned_uri)
+        aligned = plan.sources["aligned"]
         for key in plan.aux_files:
             payload[key] = aligned.read_bytes(key, limit=512 * 1024 * 1024)
         payload["README.md"] = model_card(plan, alpha, _source_card(aligned)).encode()
@@ -77,11 +91,27 @@ def _commit(plan: Plan, out: Storage, name: str, alpha: float, records: list[dic
     files += [file_record(variant, key, data, hashes) for key, data in payload.items()]
     existing = read_manifest(variant)
     if existing is not None:  # a committed variant is immutable
-        return _committed_by_other(variant, existing, fingerprint, files)
+        try:
+            return _committed_by_other(variant, existing, fingerprint, files)
+        except ExpoError:
+            if lease is not None:  # another job's variant: what this run wrote there goes
+                remove_own(out, name, records, keep={r.get("path") for r in existing["files"]})
+            raise
+    if lease is not None:
+        try:
+            lease.confirm()
+        except LeaseLost:
+            remove_own(out, name, records)
+            raise
+        settle_folder(out, lease)
+    else:  # attempts of tasks that were killed and retried may have left temp files / uploads behind
+        out.cleanup_incomplete(name)
     for r in records:
         _check_unchanged(variant, r["shard"], r["files"][name])
     for key, data in payload.items():
         variant.write_bytes(key, data)
+    if COMMIT_DELAY_S:
+        time.sleep(COMMIT_DELAY_S)
     manifest = {
         "format": FORMAT,
         "variant": name,
@@ -131,11 +161,13 @@ def _committed_by_other(variant: Storage, existing: dict, fingerprint: str, file
                     "(its manifest differs); nothing of this run was committed there; choose another --out")
 
 
-def _source_card(aligned: Storage) -> str:
+def _source_card(aligned: Source) -> str:
     """The aligned model's README.md (its licence goes into the variants' cards), or ''."""
     try:
-        if aligned.exists("README.md"):
+        if "README.md" in aligned.pins:  # pinned by the plan when the model has one
             return aligned.read_bytes("README.md", limit=MAX_CARD_BYTES).decode("utf-8", "replace")
+    except SourceChanged:
+        raise
     except StorageError as exc:
         log.warning("%s: not read (%s); the variant's card names no licence", aligned.describe("README.md"), exc)
     return ""

@@ -13,16 +13,17 @@ from dataclasses import dataclass, field
 
 from ..checkpoint import hashing
 from ..checkpoint.identity import variant_fingerprint
-from ..checkpoint.safetensors_io import read_header
 from ..cluster.ray_runtime import ProgressBar, ensure_ray, task_options
 from ..errors import ExpoError
 from ..extrapolation import kernel, pieces
 from ..extrapolation.plan import Plan
 from ..extrapolation.shard_task import ShardJob, run_piece, run_shard
 from ..options import WriteOptions, variant_name
-from ..storage import Storage, open_storage
-from .commit import COMMITTED_BY_OTHER, commit_variant, same_job_committed, write_root_index
+from ..storage import Storage
+from . import lease
+from .commit import COMMITTED_BY_OTHER, commit_variant, owned_files, same_job_committed, write_root_index
 from .destination import check_destination
+from .lease import Lease
 from .manifest import read_manifest
 
 log = logging.getLogger("expo_ray")
@@ -50,9 +51,13 @@ def _shard_task(job: ShardJob, tracker):
 def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), address: str | None = None,
              show_progress: bool = True) -> ExtrapolationResult:
     """Write every variant of `plan` under `out_uri`, skipping work already done. Every file is
-    recorded with its BLAKE3 hash, and also its sha256 (as Hub LFS pointers hold) if `write.sha256`."""
+    recorded with its BLAKE3 hash, and also its sha256 (as Hub LFS pointers hold) if `write.sha256`.
+
+    Every input read is of the version the plan read (`plan.sources`): a file replaced or edited
+    since fails the run, naming it, and nothing is committed. Each variant folder is written under
+    its lease (:mod:`expo_ray.publish.lease`) and committed holding exactly its manifest's files."""
     began = time.perf_counter()
-    out = check_destination(out_uri, {"sft": plan.sft_uri, "aligned": plan.aligned_uri})
+    out = check_destination(out_uri, plan.sources, tuple(plan.variants))
     result = ExtrapolationResult(out.uri)
     todo = []
     for alpha in plan.alphas:
@@ -72,10 +77,44 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
 
     names = tuple(variant_name(a) for a in todo)
     fingerprints = tuple(variant_fingerprint(plan, a) for a in todo)
-    cleaned = sum(out.cleanup_incomplete(n) for n in names)
-    if cleaned:
-        log.info("removed %d incomplete upload(s)/file(s) left by an interrupted run", cleaned)
+    leases: list[Lease] = []
+    committed = set()
+    try:
+        for name, fingerprint in zip(names, fingerprints):
+            leases.append(lease.acquire(out, name, fingerprint, owned_files(plan)))
+        for held in leases:  # leftovers of earlier runs go now, and foreign files are refused before any work
+            lease.settle_folder(out, held)
+        with lease.Keeper(leases):
+            records = _run_tasks(plan, out, todo, names, fingerprints, write, address, show_progress, result)
+            if records is None:  # committed meanwhile by another run of the same job
+                committed.update(names)
+                write_root_index(out)
+                return result
+            for source in plan.sources.values():  # what the tasks read is still what the plan read
+                source.recheck()
+            hashes = write_hashes(write)
+            for alpha, name, fingerprint, held in zip(todo, names, fingerprints, leases):
+                result.variants[name] = commit_variant(plan, out, name, alpha, records, fingerprint, hashes, held)
+                committed.add(name)
+    finally:
+        for held in leases:
+            held.release(committed=held.variant in committed)
+    write_root_index(out)
+    result.bytes_written = sum(r["files"][n]["size"] for r in records for n in names if n not in r["resumed"])
+    result.bytes_read = sum(r["bytes_read"] for r in records)
+    result.seconds = time.perf_counter() - began
+    return result
 
+
+def write_hashes(write: WriteOptions) -> tuple[str, ...]:
+    return hashing.algorithms(write.sha256)
+
+
+def _run_tasks(plan: Plan, out: Storage, todo: list[float], names: tuple[str, ...], fingerprints: tuple[str, ...],
+               write: WriteOptions, address: str | None, show_progress: bool,
+               result: ExtrapolationResult) -> list[dict] | None:
+    """Every output shard of the variants to do, by Ray tasks; their records (None: another run of
+    the same job committed them all meanwhile)."""
     fallback = kernel.fallback_warning()
     if fallback:
         log.warning("%s", fallback)
@@ -87,10 +126,9 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
 
     cluster_capacity(ray).check({"CPU": 1, "memory": memory}, "an extrapolation task (--chunk-mib "
                                                               f"{write.chunk_mib:g})")
-    aligned_store = open_storage(plan.aligned_uri)
-    hashes = hashing.algorithms(write.sha256)
-    jobs = [ShardJob(shard, plan.sft_uri, plan.aligned_uri, out.uri, tuple(todo), names, fingerprints,
-                     _shard_metadata(aligned_store, shard.key), chunk_bytes, plan.options.allow_nonfinite, hashes)
+    hashes = write_hashes(write)
+    jobs = [ShardJob(shard, plan.sources["sft"], plan.sources["aligned"], out.uri, tuple(todo), names, fingerprints,
+                     chunk_bytes, plan.options.allow_nonfinite, hashes)
             for shard in plan.shards]
     total = sum(s.nbytes for s in plan.shards)
     log.info("extrapolating %d shard(s), %.2f GB per variant, %d variant(s): %s",
@@ -102,7 +140,7 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
             refs = {task.options(**task_options(name=_task_name(j), memory=memory, max_retries=TASK_MAX_RETRIES,
                                                 retry_exceptions=False)).remote(j, bar.tracker): j
                     for j in batch}
-            return bar.wait(refs)
+            return bar.wait(refs, describe=lambda j: _task_label(out, j))
 
         try:
             if pieces.usable(out, hashes):  # byte ranges of the outputs, as many as the CPUs can use
@@ -115,8 +153,7 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
             if not all(same_job_committed(out.child(n), f) for n, f in zip(names, fingerprints)):
                 raise
             result.variants.update({n: COMMITTED_BY_OTHER for n in names})
-            write_root_index(out)
-            return result
+            return None
     slow = sorted({r["shard"] for r in records if "numpy" in r.get("kernel", "")})
     if slow and kernel.fallback_warning() is None and os.environ.get("EXPO_RAY_KERNEL", "").lower() != "numpy":
         log.warning("%d shard(s) were computed with the NumPy kernel on worker nodes without the C kernel (same bits, "
@@ -125,14 +162,7 @@ def run_plan(plan: Plan, out_uri: str, *, write: WriteOptions = WriteOptions(), 
     if result.shards_resumed:
         log.info("resumed: %d output shard(s) were already written by an earlier run and verified",
                  result.shards_resumed)
-
-    for alpha, name, fingerprint in zip(todo, names, fingerprints):
-        result.variants[name] = commit_variant(plan, out, name, alpha, records, fingerprint, hashes)
-    write_root_index(out)
-    result.bytes_written = sum(r["files"][n]["size"] for r in records for n in names if n not in r["resumed"])
-    result.bytes_read = sum(r["bytes_read"] for r in records)
-    result.seconds = time.perf_counter() - began
-    return result
+    return records
 
 
 def _task_name(job: ShardJob) -> str:
@@ -140,7 +170,8 @@ def _task_name(job: ShardJob) -> str:
     return f"extrapolate:{job.shard.key}{where}"
 
 
-def _shard_metadata(store: Storage, key: str) -> dict:
-    meta = dict(read_header(store, key).metadata)
-    return {k: v for k, v in meta.items() if not k.startswith("expo_ray.")}
-
+def _task_label(out: Storage, job: ShardJob) -> str:
+    """What a failed task was writing, for its one-line error."""
+    folder = job.variants[0] if len(job.variants) == 1 else "{" + ",".join(job.variants) + "}"
+    where = f" (bytes {job.file_range[0]}-{job.file_range[1]})" if job.file_range else ""
+    return f"{out.describe(folder)}/{job.shard.key}{where}"

@@ -1,25 +1,10 @@
-"""Storage by URI: local paths, s3://bucket/prefix, hf://org/name[@revision] (read-only)."""
+"""Storage by URI: local paths, s3://bucket/prefix, hf://org/name[@revision] (read-only); input
+folders pinned to the versions a plan read (:class:`Source`)."""
 from __future__ import annotations
 
-from ..errors import StorageError
 from .base import Reader, Storage, Writer, clean_key
 from .local import LocalStorage
+from .pinned import Source
+from .uri import open_storage
 
-__all__ = ["Reader", "Storage", "Writer", "clean_key", "open_storage", "LocalStorage"]
-
-
-def open_storage(uri: str) -> Storage:
-    """The storage rooted at `uri`."""
-    if uri.startswith("s3://"):
-        from .s3 import S3Storage, parse_s3_uri
-
-        return S3Storage(*parse_s3_uri(uri))
-    if uri.startswith("hf://"):
-        from .hub import HubStorage, parse_hf_uri
-
-        return HubStorage(*parse_hf_uri(uri))
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" in uri:
-        raise StorageError(f"{uri}: unsupported scheme (use a local path, s3://bucket/prefix or hf://org/name)")
-    return LocalStorage(uri)
+__all__ = ["Reader", "Storage", "Writer", "clean_key", "open_storage", "LocalStorage", "Source"]

@@ -22,9 +22,14 @@ def clean_key(key: str) -> str:
 
 
 class Reader(ABC):
-    """Random access to one object: byte ranges by offset."""
+    """Random access to one object: byte ranges by offset, every read of one version of it.
+
+    `pin` names that version in the form `Storage.pin` gives (size, mtime and inode of a local
+    file; the ETag of an S3 object; the commit of a Hub file): a reader opened on a replaced
+    object carries another pin, and an S3 reader's every request asks for its pin (`If-Match`)."""
 
     size: int
+    pin: str = ""
 
     @abstractmethod
     def read(self, offset: int, length: int) -> bytes:
@@ -121,9 +126,15 @@ class Storage(ABC):
         one architecture, whose headers are identical."""
         return f"size={self.size(key)}"
 
+    def pin(self, key: str) -> str:
+        """The exact version of `key` now, in the form its readers' `pin` has: equal pins mean the
+        same bytes (see :mod:`expo_ray.storage.pinned`)."""
+        return self.version(key)
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
-        """All keys under `prefix` (recursive), sorted."""
+        """All keys under `prefix` (recursive), sorted. Backends refuse (StorageError) entries that
+        are not regular files (FIFOs, sockets, devices): nothing may block on opening one."""
 
     @abstractmethod
     def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> Writer:
@@ -156,8 +167,12 @@ class Storage(ABC):
         spellings of one place give the same tuple, and a tuple that starts with another lies inside it."""
         return (self.uri,)
 
+    def resolve(self, key: str) -> tuple[str, ...]:
+        """Where `key` really is, in the form of `location()` (links followed)."""
+        return (*self.location(), *clean_key(key).split("/"))
+
     def child(self, prefix: str) -> "Storage":
-        """A storage rooted at `prefix` inside this one."""
+        """A storage rooted at `prefix` inside this one (refused where a link leads out of it)."""
         raise NotImplementedError
 
     def describe(self, key: str = "") -> str:

@@ -185,12 +185,15 @@ class HubStorage(Storage):
     def open_reader(self, key: str) -> Reader:
         local = self.cached_path(key)
         if local is not None:
-            return LocalReader(local, self.describe(key))
-        key = self._key(key)
-        if self._sizes[key] < 0:
-            raise StorageError(f"{self.describe(key)}: the Hub did not give this file's size")
-        url = f"{endpoint()}/{self.repo}/resolve/{self.commit}/{quote(key)}"
-        return HubReader(url, self._sizes[key], self.describe(key))
+            reader = LocalReader(local, self.describe(key))
+        else:
+            key = self._key(key)
+            if self._sizes[key] < 0:
+                raise StorageError(f"{self.describe(key)}: the Hub did not give this file's size")
+            url = f"{endpoint()}/{self.repo}/resolve/{self.commit}/{quote(key)}"
+            reader = HubReader(url, self._sizes[key], self.describe(key))
+        reader.pin = self.pin(key)  # the cache or the Hub: one commit, the same bytes
+        return reader
 
     def exists(self, key: str) -> bool:
         return clean_key(key) in self._sizes
@@ -201,6 +204,10 @@ class HubStorage(Storage):
 
     def version(self, key: str) -> str:
         return f"commit={self.commit}"  # a commit fixes every file in it
+
+    def pin(self, key: str) -> str:
+        self._key(key)
+        return self.version(key)
 
     def list(self, prefix: str = "") -> list[str]:
         base = clean_key(prefix) + "/" if prefix else ""

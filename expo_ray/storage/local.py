@@ -1,13 +1,18 @@
 """Local-folder storage: positional reads, temp-file + rename writes.
 
 Reads are confined to the folder: a file that is a link to somewhere outside it is refused (the
-Hugging Face cache's links from a snapshot into its own blobs excepted).
+Hugging Face cache's links from a snapshot into its own blobs excepted). Writes are confined
+too: a folder on the way that is a link out of the root is refused before anything is created
+or replaced, and temp files are created without following links. Only regular files are listed
+or opened: a FIFO or a device in a folder is refused by name, never opened (opening a FIFO
+blocks until someone writes to it).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import socket
+import stat
 import uuid
 from pathlib import Path
 
@@ -35,16 +40,44 @@ def _writer_alive(temp_name: str) -> bool:
     return int(pid) != 0
 
 
+def _kind(mode: int) -> str | None:
+    """What a file that is not a regular file is (None for a regular file)."""
+    for test, name in ((stat.S_ISREG, None), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def not_regular(label: str, mode: int) -> StorageError:
+    return StorageError(f"{label}: {_kind(mode)}, not a regular file; refused")
+
+
+def file_pin(st: os.stat_result) -> str:
+    """A local file's version: its size, modification time and inode. A file replaced by a rename
+    gets another inode, one rewritten in place another mtime."""
+    return f"size={st.st_size},mtime_ns={st.st_mtime_ns},ino={st.st_ino}"
+
+
 class LocalReader(Reader):
     def __init__(self, path: Path, label: str):
         self.label = label
         try:
-            self._fd = os.open(path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO does not wait for a writer (it is refused just below);
+            # reads of a regular file ignore the flag.
+            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except FileNotFoundError:
             raise NotFound(f"{label}: file not found") from None
         except OSError as exc:
             raise StorageError(f"{label}: cannot open ({exc.strerror})") from None
-        self.size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            self._fd = -1
+            raise not_regular(label, st.st_mode)
+        self.size = st.st_size
+        self.pin = file_pin(st)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -66,14 +99,22 @@ class LocalReader(Reader):
             self._fd = -1
 
 
+def temp_name(final: Path) -> Path:
+    return final.with_name(f"{TEMP_MARK}{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
+
+
+def create_new(path: Path, mode: int = 0o666) -> int:
+    """A new file, never through a link (fails if anything exists under the name)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+
+
 class LocalWriter(Writer):
     def __init__(self, final: Path, label: str, if_absent: bool = False):
         self.final = final
         self.label = label
         self.if_absent = if_absent
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = final.with_name(f"{TEMP_MARK}{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
-        self._f = open(self.temp, "wb")
+        self.temp = temp_name(final)
+        self._f = os.fdopen(create_new(self.temp), "wb")
 
     def write(self, data) -> None:
         try:
@@ -121,15 +162,20 @@ class LocalRangeWriter:
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
-        while len(view):
-            n = os.pwrite(self._fd, view, self.offset)
-            self.offset += n
-            view = view[n:]
+        try:
+            while len(view):
+                n = os.pwrite(self._fd, view, self.offset)
+                self.offset += n
+                view = view[n:]
+        except OSError as exc:  # disk full, quota, I/O error (a sparse temp file fills up as it is written)
+            raise StorageError(f"{self.label}: cannot write ({exc.strerror or exc})") from None
 
     def finish(self) -> dict:
         """Flush this range to the disk (in parallel with the other ranges' tasks)."""
         try:
             os.fdatasync(self._fd)
+        except OSError as exc:
+            raise StorageError(f"{self.label}: cannot write ({exc.strerror or exc})") from None
         finally:
             self.abort()
         return {}
@@ -153,6 +199,23 @@ class LocalStorage(Storage):
 
     def _path(self, key: str) -> Path:
         return self.root / clean_key(key)
+
+    def _inside(self, real: Path) -> bool:
+        return real == self.root or self.root in real.parents
+
+    def _write_path(self, key: str) -> Path:
+        """Where `key` is written: its folder, links resolved, must lie inside the root (created
+        here); the name itself is replaced by rename, never written through."""
+        path = self._path(key)
+        real = Path(os.path.realpath(path.parent))
+        if not self._inside(real):
+            raise StorageError(f"{self.describe(key)}: {path.parent} is a link to {real}, outside {self.root}; "
+                               "refused (expo-ray never writes through a link out of the destination)")
+        try:
+            real.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{self.describe(key)}: cannot write ({exc.strerror})") from None
+        return real / path.name
 
     def _confined(self, key: str) -> Path:
         """The path of `key` for reading, refusing links that lead out of the folder."""
@@ -190,8 +253,17 @@ class LocalStorage(Storage):
         st = self._stat(key)
         return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
 
+    def pin(self, key: str) -> str:
+        st = self._stat(key)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(self.describe(key), st.st_mode)
+        return file_pin(st)
+
     def location(self) -> tuple[str, ...]:
         return ("file", *self.root.parts)
+
+    def resolve(self, key: str) -> tuple[str, ...]:
+        return ("file", *Path(os.path.realpath(self._path(key))).parts)
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -208,24 +280,31 @@ class LocalStorage(Storage):
         keys = []
         for dirpath, _dirs, files in os.walk(base, onerror=refuse):
             for name in files:
-                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                try:
+                    mode = os.stat(Path(dirpath, name)).st_mode
+                except OSError:  # a broken link: reading it says so
+                    mode = stat.S_IFREG
+                if not stat.S_ISREG(mode):
+                    raise not_regular(self.describe(key), mode)
+                keys.append(key)
         return sorted(keys)
 
     def open_writer(self, key: str, size_hint: int | None = None, if_absent: bool = False) -> LocalWriter:
+        final = self._write_path(key)
         try:
-            return LocalWriter(self._path(key), self.describe(key), if_absent)
+            return LocalWriter(final, self.describe(key), if_absent)
         except OSError as exc:
             raise StorageError(f"{self.describe(key)}: cannot write ({exc.strerror})") from None
 
     # Ranged uploads: a temp file of the final size that several tasks write disjoint ranges of;
     # it appears under its final name (fsync, rename) only in finish_ranged.
     def begin_ranged(self, key: str, size: int) -> str:
-        final = self._path(key)
+        final = self._write_path(key)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
             # Named after this (driver) process, which owns the upload until it is finished or aborted.
-            temp = final.with_name(f"{TEMP_MARK}{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}")
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            temp = temp_name(final)
+            fd = create_new(temp, 0o644)
             try:
                 os.ftruncate(fd, size)
             finally:
@@ -235,7 +314,7 @@ class LocalStorage(Storage):
         return temp.name
 
     def _upload_path(self, key: str, upload: str) -> Path:
-        final = self._path(key)
+        final = self._write_path(key)
         if "/" in upload or not upload.startswith(TEMP_MARK):
             raise StorageError(f"{self.describe(key)}: not a ranged upload: {upload!r}")
         return final.with_name(upload)
@@ -246,12 +325,12 @@ class LocalStorage(Storage):
     def finish_ranged(self, key: str, upload: str, parts: list) -> None:
         temp = self._upload_path(key, upload)
         try:
-            fd = os.open(temp, os.O_RDONLY)
+            fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temp, self._path(key))
+            os.replace(temp, self._write_path(key))
         except OSError as exc:
             raise StorageError(f"{self.describe(key)}: cannot write ({exc.strerror})") from None
 
@@ -262,8 +341,11 @@ class LocalStorage(Storage):
             pass
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
+        if not self._inside(Path(os.path.realpath(path.parent))):
+            raise StorageError(f"{self.describe(key)}: {path.parent} is a link out of {self.root}; refused")
         try:
-            self._path(key).unlink()
+            path.unlink()  # a link itself is removed, never what it points to
         except FileNotFoundError:
             pass
 
@@ -275,4 +357,7 @@ class LocalStorage(Storage):
         return len(stale)
 
     def child(self, prefix: str) -> "LocalStorage":
-        return LocalStorage(self._path(prefix))
+        real = Path(os.path.realpath(self._path(prefix)))
+        if not self._inside(real):
+            raise StorageError(f"{self.describe(prefix)}: is a link to {real}, outside {self.root}; refused")
+        return LocalStorage(real)

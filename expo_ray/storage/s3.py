@@ -2,7 +2,10 @@
 
 Endpoint, region and credentials come from the standard AWS chain and environment
 (AWS_ENDPOINT_URL for S3-compatible stores); credentials are never printed. Transient errors
-(throttling, 5xx, dropped connections, truncated bodies) are retried with exponential backoff.
+(throttling, 5xx, dropped connections, truncated bodies, no answer) are retried with exponential
+backoff, for at most EXPO_RAY_S3_ATTEMPTS attempts and EXPO_RAY_S3_TIMEOUT seconds per operation:
+an endpoint that accepts connections and never answers is reported within that time (each
+request waits at most a quarter of it for an answer).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import AlreadyExists, NotFound, StorageError
+from ..errors import AlreadyExists, ExpoError, NotFound, SourceChanged, StorageError
 from .base import RangedReader, Storage, Writer, clean_key
 
 MiB = 1024 * 1024
@@ -31,8 +34,10 @@ READ_CONCURRENCY = int(os.environ.get("EXPO_RAY_S3_READ_CONCURRENCY", "8"))
 WINDOW = 8 * MiB                  # reads under half this size are served from whole windows of the object,
 WINDOWS_KEPT = 2                  # the last this many kept per reader;
 DIRECT_BELOW = 64 * 1024          # tiny reads (norms, headers) go direct unless their window is at hand
-ATTEMPTS = int(os.environ.get("EXPO_RAY_S3_ATTEMPTS", "7"))
+ATTEMPTS = int(os.environ.get("EXPO_RAY_S3_ATTEMPTS", "10"))
 BACKOFF_CAP_S = 20.0
+DEFAULT_TIMEOUT_S = 120.0
+TIMEOUT_ENV = "EXPO_RAY_S3_TIMEOUT"
 
 _lock = threading.Lock()
 _clients: dict = {}
@@ -41,25 +46,42 @@ TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTime
                    "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
 
 
+def timeout_s() -> float:
+    """How long one S3 operation may go on failing, or waiting for an answer, before it is
+    reported (EXPO_RAY_S3_TIMEOUT, read when used: `expo-ray --s3-timeout` sets it)."""
+    text = os.environ.get(TIMEOUT_ENV) or str(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise StorageError(f"{TIMEOUT_ENV}={text!r}: the S3 timeout must be a positive number of seconds")
+    return value
+
+
 def client():
     """One boto3 client per process and endpoint/credential settings (clients are thread-safe)."""
-    settings = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                                                 "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_REGION",
-                                                 "AWS_DEFAULT_REGION"))
+    settings = (*(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                                              "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_REGION",
+                                              "AWS_DEFAULT_REGION")), timeout_s())
     with _lock:
         if settings not in _clients:
             import boto3
             from botocore.config import Config
 
-            # botocore retries each request a little; with_retries() adds backoff across attempts.
-            # No checksums or payload hashes by botocore itself: every part and small object carries
-            # the CRC32 computed here (the server refuses bytes that do not match it), every object's
-            # size is checked after its upload and each read's length, and the manifest's content
-            # hashes are computed from the bytes written. Over plain http botocore would otherwise
-            # sha256 each part for the signature (as https endpoints it skips), and the server hash it
-            # again: two passes over every byte that guard against nothing the CRC32 misses.
-            config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=64,
-                            connect_timeout=10, read_timeout=120, request_checksum_calculation="when_required",
+            # Every retry is with_retries()'s, so that its time limit holds (botocore's own retries
+            # would multiply it): one attempt per request here, which waits at most a quarter of
+            # the limit for an answer. No checksums or payload hashes by botocore itself: every
+            # part and small object carries the CRC32 computed here (the server refuses bytes that
+            # do not match it), every object's size is checked after its upload and each read's
+            # length, and the manifest's content hashes are computed from the bytes written. Over
+            # plain http botocore would otherwise sha256 each part for the signature (as https
+            # endpoints it skips), and the server hash it again: two passes over every byte that
+            # guard against nothing the CRC32 misses.
+            limit = settings[-1]
+            config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=64,
+                            connect_timeout=min(10.0, limit / 4), read_timeout=limit / 4,
+                            request_checksum_calculation="when_required",
                             response_checksum_validation="when_required", s3={"payload_signing_enabled": False})
             _clients[settings] = boto3.session.Session().client("s3", config=config)
         return _clients[settings]
@@ -117,7 +139,15 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (BotoConnectionError, HTTPClientError, Urllib3Error, ConnectionError, TimeoutError))
 
 
-def explain(exc: BaseException, label: str) -> StorageError:
+def _silent(exc: BaseException) -> bool:
+    """The endpoint did not answer in time (accepted the connection, or not even that)."""
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    return isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, Urllib3Timeout, TimeoutError))
+
+
+def explain(exc: BaseException, label: str, timed: bool = False) -> StorageError:
     """One clear message for an S3 failure (never includes credentials)."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
 
@@ -140,30 +170,48 @@ def explain(exc: BaseException, label: str) -> StorageError:
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
             return AlreadyExists(f"{label}: already exists (written by another run)")
         return StorageError(f"{label}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
+    if _silent(exc) and timed:
+        return StorageError(f"{label}: S3 did not answer within the {timeout_s():g}-second limit "
+                            f"({type(exc).__name__}); for a slow endpoint raise --s3-timeout (or {TIMEOUT_ENV})")
     if is_transient(exc):
         return StorageError(f"{label}: S3 did not answer after {ATTEMPTS} attempts ({type(exc).__name__}: {exc})")
     return StorageError(f"{label}: {type(exc).__name__}: {exc}")
 
 
 def with_retries(fn, label: str):
-    """Run fn(), retrying transient failures (including truncated bodies) with backoff."""
+    """Run fn(), retrying transient failures (including truncated bodies) with backoff, for at most
+    ATTEMPTS attempts and timeout_s() seconds (a request waits at most a quarter of that)."""
+    began, limit = time.monotonic(), timeout_s()
     for attempt in range(ATTEMPTS):
         try:
             return fn()
+        except ExpoError:
+            raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or attempt == ATTEMPTS - 1:
-                raise explain(exc, label) from None
-            time.sleep(min(BACKOFF_CAP_S, 0.25 * 2 ** attempt) * (0.5 + random.random()))
+            wait = min(BACKOFF_CAP_S, 0.25 * 2 ** attempt) * (0.5 + random.random())
+            spent = time.monotonic() - began
+            # Give up where one more silent attempt could end past the limit.
+            if not is_transient(exc) or attempt == ATTEMPTS - 1 or spent + wait + limit / 4 > limit:
+                raise explain(exc, label, timed=True) from None
+            time.sleep(wait)
+
+
+def head_version(head: dict) -> str:
+    """An object's version from a HEAD (or GET) answer: S3Storage.version's and readers' pins."""
+    return f"etag={head.get('ETag', '')},size={head['ContentLength']},version={head.get('VersionId', '')}"
 
 
 class S3Reader(RangedReader):
     range_bytes = RANGE_BYTES
+    # What a read of an object replaced since this reader opened it says (sources: "changed since the plan").
+    changed = "replaced while being read"
 
     def __init__(self, bucket: str, key: str, label: str):
         self.bucket, self.key, self.label = bucket, key, label
         head = with_retries(lambda: client().head_object(Bucket=bucket, Key=key), label)
         self.size = head["ContentLength"]
         self.etag = head.get("ETag")
+        self.pin = head_version(head)
         self._windows: OrderedDict[int, bytes] = OrderedDict()
         self._windows_lock = threading.Lock()
 
@@ -198,12 +246,22 @@ class S3Reader(RangedReader):
         self._windows.clear()
 
     def _get(self, offset: int, length: int) -> bytes:
+        from botocore.exceptions import ClientError
+
         def once():
-            # IfMatch: a read never mixes two versions of an object replaced meanwhile.
+            # IfMatch: a read never mixes two versions of an object replaced meanwhile (and the
+            # answer's ETag is checked too, for servers that ignore the condition).
             kwargs = {"IfMatch": self.etag} if self.etag else {}
             byte_range = f"bytes={offset}-{offset + length - 1}"
-            body = client().get_object(Bucket=self.bucket, Key=self.key, Range=byte_range, **kwargs)["Body"]
-            data = body.read()
+            try:
+                response = client().get_object(Bucket=self.bucket, Key=self.key, Range=byte_range, **kwargs)
+            except ClientError as exc:
+                if _code(exc) in ("PreconditionFailed", "412"):
+                    raise SourceChanged(f"{self.label}: {self.changed}") from None
+                raise
+            if self.etag and response.get("ETag", self.etag) != self.etag:
+                raise SourceChanged(f"{self.label}: {self.changed}")
+            data = response["Body"].read()
             if len(data) != length:
                 raise ConnectionError(f"short read: {len(data)} of {length} bytes")
             return data
@@ -402,8 +460,8 @@ class S3Storage(Storage):
 
     def version(self, key: str) -> str:
         full = self._key(key)
-        head = with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))
-        return f"etag={head.get('ETag', '')},size={head['ContentLength']},version={head.get('VersionId', '')}"
+        return head_version(with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full),
+                                         self.describe(key)))
 
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""

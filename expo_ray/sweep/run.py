@@ -53,7 +53,7 @@ def check_sweep(spec: SweepSpec) -> dict:
         try:
             plans[pair.folder] = (evaluable_plan if spec.evaluation is not None else make_plan)(
                 pair.sft, pair.aligned, pair.alphas, pair.plan)
-            check_no_overlap(open_storage(f"{dest}/{pair.folder}/variants"), {"sft": pair.sft, "aligned": pair.aligned})
+            check_no_overlap(open_storage(f"{dest}/{pair.folder}/variants"), plans[pair.folder].sources)
         except ExpoError as exc:
             problems.append(f"pair {pair.name!r}: {exc}")
     if problems:

@@ -194,7 +194,7 @@ class _Checker:
                 self.fail(where, f"{what}.{key}", f"{a} is negative (extrapolation uses alpha >= 0; alpha 0 is the "
                                                   "aligned model)")
             else:
-                out.append(float(a))
+                out.append(float(a) + 0.0)  # -0.0 is 0.0
         if len(set(out)) != len(out):
             self.fail(where, f"{what}.{key}", "repeats a value")
         return tuple(out)
