@@ -166,7 +166,8 @@ def explain(exc: BaseException, label: str, timed: bool = False) -> StorageError
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             return StorageError(f"{label}: the S3 credentials were rejected ({code})")
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
-            return StorageError(f"{label}: access denied (check the credentials and the bucket policy)")
+            kind = _Forbidden if code == "403" else StorageError
+            return kind(f"{label}: access denied (check the credentials and the bucket policy)")
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
             return AlreadyExists(f"{label}: already exists (written by another run)")
         return StorageError(f"{label}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
@@ -176,6 +177,20 @@ def explain(exc: BaseException, label: str, timed: bool = False) -> StorageError
     if is_transient(exc):
         return StorageError(f"{label}: S3 did not answer after {ATTEMPTS} attempts ({type(exc).__name__}: {exc})")
     return StorageError(f"{label}: {type(exc).__name__}: {exc}")
+
+
+class _Forbidden(StorageError):
+    """A 403 without an error code: the answer to a HEAD, which has no body to say why."""
+
+
+def head(bucket: str, key: str, label: str) -> dict:
+    """HEAD an object. A bare 403 is asked again as a listing, whose answer says why (rejected
+    credentials, or a permission the bucket policy denies)."""
+    try:
+        return with_retries(lambda: client().head_object(Bucket=bucket, Key=key), label)
+    except _Forbidden:
+        with_retries(lambda: client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1), label)
+        raise
 
 
 def with_retries(fn, label: str):
@@ -208,10 +223,10 @@ class S3Reader(RangedReader):
 
     def __init__(self, bucket: str, key: str, label: str):
         self.bucket, self.key, self.label = bucket, key, label
-        head = with_retries(lambda: client().head_object(Bucket=bucket, Key=key), label)
-        self.size = head["ContentLength"]
-        self.etag = head.get("ETag")
-        self.pin = head_version(head)
+        answer = head(bucket, key, label)
+        self.size = answer["ContentLength"]
+        self.etag = answer.get("ETag")
+        self.pin = head_version(answer)
         self._windows: OrderedDict[int, bytes] = OrderedDict()
         self._windows_lock = threading.Lock()
 
@@ -448,20 +463,18 @@ class S3Storage(Storage):
     def exists(self, key: str) -> bool:
         full = self._key(key)
         try:
-            with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))
+            head(self.bucket, full, self.describe(key))
             return True
         except NotFound:
             return False
 
     def size(self, key: str) -> int:
         full = self._key(key)
-        head = with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full), self.describe(key))
-        return head["ContentLength"]
+        return head(self.bucket, full, self.describe(key))["ContentLength"]
 
     def version(self, key: str) -> str:
         full = self._key(key)
-        return head_version(with_retries(lambda: client().head_object(Bucket=self.bucket, Key=full),
-                                         self.describe(key)))
+        return head_version(head(self.bucket, full, self.describe(key)))
 
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
