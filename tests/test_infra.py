@@ -852,9 +852,14 @@ def _logical_lines(path: Path):
         yield start, pending, start_ok
 
 
+# Where users read commands: the cluster files, the job scripts, the README and the docs.
+COMMAND_FILES = (sorted(p for p in INFRA.rglob("*") if p.is_file()) + sorted((REPO / "jobs").rglob("*.sh"))
+                 + [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md")))
+
+
 def _cli_commands() -> list[tuple[str, list[str]]]:
     found = {}
-    for path in sorted(p for p in INFRA.rglob("*") if p.is_file()):
+    for path in COMMAND_FILES:
         for line_no, text, start_ok in _logical_lines(path):
             m = _EXPO_RAY_AFTER.search(text) or (_EXPO_RAY_START.match(text) if start_ok else None)
             if not m:
@@ -868,7 +873,9 @@ def _cli_commands() -> list[tuple[str, list[str]]]:
                 if token and set(token) <= set("&|;()<>"):
                     break
                 argv.append(token)
-            found.setdefault((str(path.relative_to(INFRA)), tuple(argv)), line_no)
+            if any("[" in a or a in ("...", "…") for a in argv):  # a synopsis (`[options]`), not a command
+                continue
+            found.setdefault((str(path.relative_to(REPO)), tuple(argv)), line_no)
     return [(f"{where}:{line_no}", list(argv)) for (where, argv), line_no in found.items()]
 
 
