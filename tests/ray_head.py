@@ -21,6 +21,18 @@ from expo_ray.storage.embedded_s3 import free_port
 BIN = Path(sys.executable).parent
 
 
+def _worker_ports_below_ephemeral() -> int:
+    """The first of 100 worker ports, below the kernel's ephemeral range: the other ports come
+    from free_port() (ephemeral), so the two can never overlap (they did: a node-manager port
+    inside the worker range made `ray start` fail)."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    span = max(ephemeral_low - 10000, 100) // 100
+    return 10000 + (os.getpid() % span) * 100
+
+
 class RayHead:
     def __init__(self, num_cpus: int = 2, extra_args: tuple = (), extra_env: dict | None = None):
         self.num_cpus = num_cpus
@@ -41,8 +53,23 @@ class RayHead:
         return dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_ADDRESS="",
                     RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path))
 
-    def start(self) -> "RayHead":
-        lo = 20000 + (os.getpid() % 200) * 100
+    def start(self, tries: int = 3) -> "RayHead":
+        for attempt in range(tries):
+            run = self._start_once()
+            if run.returncode == 0:
+                return self
+            self.stop()
+            # Another process may take a chosen port between choosing and binding: choose again.
+            if "port" not in run.stderr.lower() or attempt == tries - 1:
+                raise RuntimeError(f"ray start failed:\n{run.stdout}\n{run.stderr}")
+            self.temp_dir = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
+            self.token_path = Path(self.temp_dir) / "auth_token"
+            self.token_path.write_text(os.urandom(32).hex())
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> subprocess.CompletedProcess:
+        lo = _worker_ports_below_ephemeral()
         cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
                f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
@@ -50,11 +77,7 @@ class RayHead:
                f"--dashboard-agent-grpc-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 99}",
                f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--disable-usage-stats", *self.extra_args]
-        run = subprocess.run(cmd, env={**self.env(), **self.extra_env}, capture_output=True, text=True, timeout=180)
-        if run.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed:\n{run.stdout}\n{run.stderr}")
-        return self
+        return subprocess.run(cmd, env={**self.env(), **self.extra_env}, capture_output=True, text=True, timeout=180)
 
     def processes(self) -> list[psutil.Process]:
         own = []
