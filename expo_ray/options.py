@@ -250,7 +250,12 @@ class EngineOptions(_Options):
         None, "--swap/--no-swap", spec="swap",
         help="An engine serves model after model, loading each one's weights in place instead of restarting "
              "(models of another shape get their own engine). Default: on when the installed vLLM is a version "
-             "swapping was tested with.")
+             "swapping was tested with. Architectures not proven for swapping (docs/weight-swap.md) get their "
+             "first swap checked against a fresh load; if it differs, one engine per model.")
+    verify_swap: bool = _option(
+        False, "--verify-swap", is_flag=True, spec="verify_swap",
+        help="Check every weight swap against a fresh load of the same weights (what each layer computes and "
+             "holds, on every rank); a difference ends swapping (one engine per model) or, with --swap, the run.")
     max_model_len: int | None = _option(
         None, "--max-model-len", type=click.IntRange(16), spec="max_model_len", help="vLLM max_model_len.")
     dtype: str = _option(

@@ -459,3 +459,56 @@ def build_adapter(base: str | os.PathLike, out: str | os.PathLike, *, seed: int 
     shutil.rmtree(out, ignore_errors=True)
     peft_model.save_pretrained(out)
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models of the families users run (weight-swap fidelity)
+# ---------------------------------------------------------------------------------------------
+
+
+def family_config(family: str):
+    """A tiny random transformers config of ``family`` (hidden <= 256, <= 4 layers) with the
+    tiny tokenizer's vocabulary: what tests/test_swap_matrix.py builds pairs of."""
+    import transformers
+
+    from expo_ray.demo.tiny import DEFAULT_VOCAB_SIZE, special_token_ids
+
+    common = dict(vocab_size=DEFAULT_VOCAB_SIZE, max_position_embeddings=2048, **special_token_ids())
+    llama = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, initializer_range=0.2)
+    moe = dict(num_local_experts=4, num_experts_per_tok=2)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**llama, **common),
+        "llama-1kv": lambda: transformers.LlamaConfig(**{**llama, "num_key_value_heads": 1}, **common),
+        "llama-tied": lambda: transformers.LlamaConfig(**llama, tie_word_embeddings=True, **common),
+        "qwen2": lambda: transformers.Qwen2Config(**llama, **common),
+        "phi3": lambda: transformers.Phi3Config(**{k: v for k, v in llama.items() if k != "head_dim"}, **common),
+        "gemma2": lambda: transformers.Gemma2Config(  # small weights: with larger ones it repeats the last input token
+            **{**llama, "initializer_range": 0.02}, query_pre_attn_scalar=32, sliding_window=64, **common),
+        "gemma": lambda: transformers.GemmaConfig(**llama, **common),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=2048,
+                                                initializer_range=0.2,
+                                                **{k: v for k, v in common.items() if k != "max_position_embeddings"}),
+        "mixtral": lambda: transformers.MixtralConfig(**{**llama, "intermediate_size": 128}, **moe, **common),
+        "qwen2-moe": lambda: transformers.Qwen2MoeConfig(
+            **{**llama, "intermediate_size": 128}, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+            shared_expert_intermediate_size=128, decoder_sparse_step=1, **common),
+        "deepseek-v2": lambda: transformers.DeepseekV2Config(
+            hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32,
+            qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, topk_method="greedy", n_group=1,
+            topk_group=1, initializer_range=0.2, **common),
+    }
+    config = configs[family]()
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")
+                            if family != "gpt2" else "GPT2LMHeadModel"]
+    return config
+
+
+def build_family_pair(root: str | os.PathLike, family: str, *, dtype: str = "float32", seed: int = 0,
+                      delta_scale: float = 0.3) -> tuple[Path, Path]:
+    """A tiny (sft, aligned) pair of ``family`` (see :func:`family_config`)."""
+    from expo_ray.demo.tiny import build_tiny_pair
+
+    return build_tiny_pair(root, config=family_config(family), dtype=dtype, seed=seed, delta_scale=delta_scale)

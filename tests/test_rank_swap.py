@@ -73,11 +73,23 @@ def test_unknown_layer_types_are_read_whole_and_named():
     pytest.importorskip("vllm")
     model = torch.nn.Module()
     model.add_module("experts", torch.nn.Linear(4, 4))
+    model.experts.tp_rank, model.experts.tp_size = 1, 2
     model.add_module("final_norm", type("RMSNorm", (torch.nn.Module,), {})())
-    part_of, unknown = rank_slices(model, rank=1, size=2)
+    part_of, unknown = rank_slices(model, "LlamaForCausalLM")
     assert (part_of("experts.weight") is None and part_of("final_norm.weight") is None
             and part_of("nowhere.weight") is None)
     assert unknown == {"Linear"}
+
+
+def test_architectures_not_proven_for_parts_are_read_whole():
+    """GPT-2 stores Conv1D weights transposed against vLLM's parameters: a rank's rows of the
+    stored tensor are not the rows its layer keeps, so such models are read whole."""
+    pytest.importorskip("vllm")
+    model = torch.nn.Module()
+    model.add_module("c_proj", torch.nn.Linear(4, 4))
+    model.c_proj.tp_rank, model.c_proj.tp_size = 1, 2
+    part_of, unknown = rank_slices(model, "GPT2LMHeadModel")
+    assert part_of("c_proj.weight") is None and unknown == set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,10 +23,12 @@ from ..checkpoint.identity import checkpoint_identity
 from ..cluster.ray_runtime import ensure_ray
 from ..errors import ExpoError
 from ..evaluation.engine.actors import Engines, plan_for
+from ..evaluation.engine.vllm_engine import SwapNotFaithful
 from ..evaluation.engine.vllm_support import installed_version, resolve_swap
 from ..evaluation.models import ModelRef, model_config
 from ..evaluation.pipeline import fitting_prompts
 from ..evaluation.prompts import PromptSet
+from ..evaluation.report import describe_swaps
 from ..evaluation.selection import describe
 from ..lora.adapter import is_adapter
 from ..lora.plan import make_plan
@@ -59,6 +61,7 @@ class _Evaluator:
         self.answers: dict[float, list[dict]] = {}
         self.serving: float | None = None
         self.swap_seconds: list[float] = []
+        self.swap_record = {"check": None, "checked": 0, "architecture": None}
         self.generate_seconds = 0.0
         if not time_share:
             self._generator(), self._scorer()
@@ -89,8 +92,15 @@ class _Evaluator:
     def _generate(self, alpha: float, n: int) -> list[dict]:
         ray, generator = self.ray, self._generator()
         if self.serving != alpha:
-            info = ray.get(generator.serve_extrapolated.remote(self.sft, self.aligned, alpha, self.plan))
+            try:
+                info = ray.get(generator.serve_extrapolated.remote(self.sft, self.aligned, alpha, self.plan))
+            except SwapNotFaithful as exc:
+                raise ExpoError(f"{getattr(exc, 'cause', exc)}: expo-ray search evaluates alphas by swapping "
+                                "weights; evaluate this model with `expo-ray run` (one engine per variant)") from None
             self.swap_seconds.append(info["seconds"])
+            swap = info.get("swap") or {}
+            self.swap_record.update(check=swap.get("check"), architecture=swap.get("architecture"),
+                                    checked=self.swap_record["checked"] + (1 if info.get("check") else 0))
             self.serving = alpha
         began = time.perf_counter()
         generations = ray.get(generator.generate.remote(self.texts[len(self.answers.get(alpha, [])):n], self.sampling))
@@ -188,6 +198,7 @@ def _report(outcome: SearchOutcome, evaluator: _Evaluator, context: dict) -> dic
         "generations": outcome.generations, "budget": outcome.budget,
         "grid_generations": outcome.grid_generations,
         "swaps": len(swaps), "swap_seconds_mean": round(sum(swaps) / len(swaps), 3) if swaps else None,
+        "weight_swaps": {"swaps": len(swaps), **evaluator.swap_record},
         "engines_take_turns": evaluator.time_share, "engine_starts": evaluator.engine_starts,
         "generate_seconds": round(evaluator.generate_seconds, 1),
         "points": points,
@@ -213,6 +224,7 @@ def search_markdown(report: dict) -> str:
         f"- prompts: `{report['prompts']}` ({report['n_prompts']})", f"- reward model: `{report['reward_model']}`",
         f"- generations: {report['generations']} of a budget of {report['budget']} "
         f"(the full grid would take {report['grid_generations']})",
+        *([f"- weight swaps: {describe_swaps(report['weight_swaps'])}"] if report.get("weight_swaps") else []),
         "", f"**Recommended alpha: {best['alpha']:g}** (mean reward {best['mean_reward']:.3f} on {best['n']} prompts"
         + (f"; runner-up {report['runner_up']:g})" if report.get("runner_up") is not None else ")"), "",
         f"Selection: {report['selection']['statement']}. Paired statistics use the prompts both points share.", "",

@@ -260,6 +260,12 @@ def tiny_config(
     return config
 
 
+def special_token_ids() -> dict[str, int]:
+    """bos_token_id, eos_token_id and pad_token_id of the tiny tokenizer."""
+    ids = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
+    return {"bos_token_id": ids[BOS_TOKEN], "eos_token_id": ids[EOS_TOKEN], "pad_token_id": ids[PAD_TOKEN]}
+
+
 def _set_config_dtype(config, dtype: torch.dtype) -> None:
     # transformers >= 4.56 calls it ``dtype``; older versions ``torch_dtype``.
     try:
@@ -333,6 +339,7 @@ def build_tiny_pair(
     num_attention_heads: int = 2,
     num_key_value_heads: int = 1,
     intermediate_size: int = 128,
+    config=None,
 ) -> tuple[Path, Path]:
     """Save a tiny SFT model and an aligned model derived from it; return ``(sft_dir, aligned_dir)``.
 
@@ -343,10 +350,12 @@ def build_tiny_pair(
     model, so the two checkpoints have several shards each with different boundaries; pass bytes
     (int) or a transformers size string ("100KB") to choose. Both folders get tokenizer files and
     ``generation_config.json``. ``tie_word_embeddings=True`` stores no ``lm_head.weight``.
+    ``config`` (a transformers config; its vocabulary must be ``vocab_size`` tokens, its special
+    token ids those of :func:`special_token_ids`) replaces the Llama/Mistral one, for other families.
     """
     torch_dtype = _dtype(dtype)
     root = Path(out_root)
-    config = tiny_config(
+    config = config or tiny_config(
         arch, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
         intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings,

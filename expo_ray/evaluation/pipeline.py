@@ -23,6 +23,7 @@ from ..storage import Storage, open_storage
 from .adapter_generation import adapter_group, generate_with_adapters
 from .aggregate import Scored, summarize
 from .engine.actors import Engines, plan_for
+from .engine.vllm_engine import SwapNotFaithful
 from .engine.vllm_support import installed_version, resolve_swap
 from .engine.weight_swap import WeightsMismatch
 from .models import ModelRef, model_config, models_to_evaluate
@@ -32,19 +33,24 @@ from .report import write_report
 log = logging.getLogger("expo_ray")
 
 
-def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, swap: bool, save) -> None:
-    """Up to max_engines engines; each result is saved as it arrives.
+def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, swap: bool, save) -> dict:
+    """Up to max_engines engines; each result is saved as it arrives. Returns what was swapped
+    and checked (for the report).
 
     With ``swap`` an engine that finished one model loads the next model's weights in
     place (no restart) when its tensors fit; a model that does not fit gets an engine of its own.
-    Without it every model gets a new engine. By default as many engines run as the cluster holds
-    can grow to with swapping, one per model without (Ray queues what does not fit).
+    A swap the engine finds unfaithful (architectures not proven for swapping are checked on
+    their first swap) ends swapping: that model and the rest get engines of their own, or, with
+    ``--swap`` asked for, the evaluation stops. Without it every model gets a new engine. By
+    default as many engines run as the cluster holds can grow to with swapping, one per model
+    without (Ray queues what does not fit).
     """
     n_engines = engines.placement.engines if swap else max(1, min(len(todo), engines.engine.max_engines or len(todo)))
     queue, running = list(todo), {}
+    record = {"used": swap, "swaps": 0, "checked": 0, "check": None, "fell_back": None}
 
     def start(m: ModelRef):
-        return engines.generation(m.uri, m.identity, swappable=swap, label=m.label)
+        return engines.generation(m.uri, m.identity, swappable=record["used"], label=m.label)
 
     def submit(m: ModelRef, actor, swap: bool) -> None:
         served = actor.serve.remote(m.uri, m.identity) if swap else None
@@ -61,7 +67,16 @@ def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, 
             if served is not None:
                 try:
                     info = ray.get(served)
-                    log.info("%s: weights swapped into the running engine in %.2f s", m.label, info["seconds"])
+                    _note_swap(record, m, info)
+                except SwapNotFaithful as exc:
+                    why = str(getattr(exc, "cause", exc))
+                    if engines.engine.swap:
+                        raise ExpoError(f"{why}: --swap was asked for; use --no-swap (one engine per model)") from None
+                    log.warning("%s; one engine per model from here on (as with --no-swap)", why)
+                    record.update(used=False, fell_back=why)
+                    engines.stop(actor)
+                    submit(m, start(m), False)
+                    continue
                 except WeightsMismatch as exc:  # this model needs its own engine
                     log.info("%s does not fit the running engine (%s); starting an engine for it",
                              m.label, str(exc).splitlines()[-1] if str(exc) else exc)
@@ -76,7 +91,7 @@ def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, 
             log.info("generated %s: %d answers, %d tokens in %.0f s (%.0f tokens/s)%s; %d of %d models done",
                      m.label, len(texts), tokens, seconds, tokens / max(seconds, 1e-9), started,
                      len(todo) - len(queue) - len(running), len(todo))
-            if queue and swap:
+            if queue and record["used"]:
                 submit(queue.pop(0), actor, True)
             else:
                 engines.stop(actor)
@@ -86,6 +101,19 @@ def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, 
     finally:
         for _, actor, _ in running.values():
             ray.kill(actor)
+    return record
+
+
+def _note_swap(record: dict, m: ModelRef, info: dict) -> None:
+    check = info.get("check")
+    checked = (f"; checked against a fresh load in {check['seconds']:.2f} s ({check['layers']} layer outputs, "
+               f"{check['params']} parameters equal)" if check else "")
+    log.info("%s: weights swapped into the running engine in %.2f s%s", m.label, info["seconds"], checked)
+    record["swaps"] += 1
+    record["checked"] += 1 if check else 0
+    swap = info.get("swap") or {}
+    record["check"] = swap.get("check", record["check"])
+    record["architecture"] = swap.get("architecture")
 
 
 def fitting_prompts(models: list[ModelRef], prompts: PromptSet, engine: EngineOptions) -> tuple[PromptSet, dict]:
@@ -151,6 +179,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     ray = ensure_ray(address)
     plan = plan_for(ray, engine, len(todo))
     swap = resolve_swap(engine.swap, installed_version()) if todo else False
+    swaps = {"used": False, "swaps": 0, "checked": 0, "check": None, "fell_back": None}
     engines = Engines(ray, engine, plan, f"{out.uri.rstrip('/')}/logs")
     try:
         if todo:
@@ -161,7 +190,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
             if lora:
                 generate_with_adapters(ray, engines, lora, texts, sampling, save)
             if full:
-                _generate_all(ray, engines, full, texts, sampling, swap, save)
+                swaps = _generate_all(ray, engines, full, texts, sampling, swap, save)
         if to_score:
             scorer = engines.reward(reward_model)
             for i, m in enumerate(to_score, 1):
@@ -191,7 +220,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
                "prompt_set": prompts.name, "n_prompts": len(texts), "reward_model": reward_model,
                "sampling": sampling, "tensor_parallel_size": engine.tp,
                "engines": {"device": "GPU" if plan.generation.use_gpu else "CPU", "generation": plan.engines},
-               "skipped_prompts": skipped,
+               "skipped_prompts": skipped, "weight_swaps": swaps,
                "models": {m.label: m.uri for m in models}, "seconds": round(time.perf_counter() - began, 1)}
     report = write_report(out, stats, context)
     report["location"] = out.uri

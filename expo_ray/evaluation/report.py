@@ -36,6 +36,18 @@ def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def describe_swaps(swaps: dict) -> str:
+    """One line on how the models were loaded: swapped into running engines (checked or proven), or not."""
+    if swaps.get("fell_back"):
+        return f"stopped after {swaps['swaps']} swap(s): {swaps['fell_back']}; one engine per model from there"
+    if not swaps.get("swaps"):
+        return "none (one engine per model)"
+    how = {"none": "architecture proven for swapping, not checked",
+           "first": "first swap of each engine checked against a fresh load",
+           "every": "every swap checked against a fresh load (--verify-swap)"}.get(swaps.get("check"), "")
+    return f"{swaps['swaps']} ({how}; {swaps['checked']} checked, all equal)"
+
+
 def report_markdown(report: dict) -> str:
     lines = [f"# ExPO alpha search: {report.get('title', '')}".rstrip(": "), ""]
     for key in ("aligned", "sft", "prompts", "reward_model"):
@@ -43,6 +55,8 @@ def report_markdown(report: dict) -> str:
             lines.append(f"- {key.replace('_', ' ')}: `{report[key]}`")
     if report.get("sampling"):
         lines.append("- sampling: " + ", ".join(f"{k}={v}" for k, v in report["sampling"].items()))
+    if report.get("weight_swaps"):
+        lines.append(f"- weight swaps: {describe_swaps(report['weight_swaps'])}")
     best, sel = report["best"], report["selection"]
     lines += ["", f"**Recommended alpha: {_fmt(best['alpha'])}** (mean reward {_fmt(best['mean_reward'])}"
               + (f", {best['gain_vs_aligned']:+.3f} vs the aligned "

@@ -31,6 +31,7 @@ Every problem names the file, the line and the key, before any work starts:
       device: gpu                                 # gpu | cpu (default: gpu unless vLLM is a CPU build)
       max_engines: 2                              # generation engines at once (default: what the cluster grows to)
       swap: true                                  # weights swapped in place (default: with a tested vLLM)
+      verify_swap: false                          # check every swap (default: the first, unproven models)
       max_model_len: 4096
       dtype: auto                                 # auto | bfloat16 | float16 | float32
       trust_remote_code: false

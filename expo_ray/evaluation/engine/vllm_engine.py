@@ -59,6 +59,11 @@ class EngineError(ExpoError):
     """A model cannot be served for generation or scoring (wrong kind, no chat template, ...)."""
 
 
+class SwapNotFaithful(EngineError):
+    """A weight swap left the engine computing something else than a fresh load of the same
+    weights would: this model must be evaluated with one engine per variant."""
+
+
 class NotARewardModel(EngineError):
     """The model given as reward model is not a one-label sequence classifier."""
 
@@ -367,7 +372,8 @@ class GenerationEngine(_Engine):
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, dtype: str = "auto",
                  max_model_len: int | None = None, trust_remote_code: bool = False,
-                 swappable: bool = False, chat_template: str | None = None, **engine_kwargs: Any) -> None:
+                 swappable: bool = False, chat_template: str | None = None, verify_swap: bool = False,
+                 **engine_kwargs: Any) -> None:
         self.model_path = str(model_path)
         self._llm = None
         cfg = read_model_config(self.model_path, trust_remote_code)
@@ -380,7 +386,13 @@ class GenerationEngine(_Engine):
         self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code, "model", chat_template)
         self.swappable = swappable
         if swappable:
+            from .swap_policy import architecture, swap_check
+            from .vllm_support import is_cpu_build
             from .weight_swap import WORKER_EXTENSION, folder_source, weight_signature
+
+            self.swaps = {"architecture": architecture(cfg), "tensor_parallel_size": tensor_parallel_size,
+                          "check": swap_check(cfg, tensor_parallel_size, cpu=is_cpu_build(), verify_every=verify_swap),
+                          "swaps": 0, "checked": 0}
 
             engine_kwargs["worker_extension_cls"] = WORKER_EXTENSION
             self._signature = weight_signature(folder_source(self.model_path))
@@ -397,11 +409,18 @@ class GenerationEngine(_Engine):
         engine keeps serving its current weights. If loading fails midway, the previous weights
         are loaded again before the error is raised. The tokenizer and config stay those of the
         start-up checkpoint. Cached prefixes (KV computed with the old weights) are dropped.
+
+        Unless the model's architecture and tensor-parallel size are proven for swapping
+        (:mod:`.swap_policy`), the first swap (with ``verify_swap`` every swap) is then checked
+        against a fresh load of the same weights in the workers: a difference raises
+        :class:`SwapNotFaithful` and the engine takes no more swaps.
         """
         from .weight_swap import check_fits, describe_source
 
         if not self.swappable:
             raise EngineError(f"the engine for {self.model_path} was started without swappable=True")
+        if self.swaps.get("unfaithful"):
+            raise SwapNotFaithful(self.swaps["unfaithful"])
         if self._llm is None:
             raise EngineError(f"the engine for {self.model_path} is closed")
         check_fits(self._signature, source, self.model_path)
@@ -412,15 +431,61 @@ class GenerationEngine(_Engine):
             try:
                 self._llm.collective_rpc("expo_swap_weights", args=(previous,))
                 self._llm.reset_prefix_cache()
+                now = f"the engine serves {describe_source(previous)} again"
             except Exception:  # noqa: BLE001
                 self.close()
-                raise EngineError(f"loading {describe_source(source)} failed ({exc}) and the previous weights "
-                                  "could not be restored; the engine was closed") from None
-            raise EngineError(f"loading {describe_source(source)} failed ({exc}); the engine serves "
-                              f"{describe_source(previous)} again") from None
+                now = "the previous weights could not be restored; the engine was closed"
+            if self.swaps["check"] != "none":  # not proven: a swap this model cannot take
+                self.swaps["unfaithful"] = (f"the swap to {describe_source(source)} (checked: {self._why_checked()}) "
+                                            f"failed in the running engine ({exc}); {now}")
+                raise SwapNotFaithful(self.swaps["unfaithful"]) from None
+            raise EngineError(f"loading {describe_source(source)} failed ({exc}); {now}") from None
         self._llm.reset_prefix_cache()
         self.serving = dict(source)
-        return {"ranks": ranks, "seconds": max(r["seconds"] for r in ranks)}
+        self.swaps["swaps"] += 1
+        result = {"ranks": ranks, "seconds": max(r["seconds"] for r in ranks)}
+        check = self.swaps["check"]
+        if check == "every" or (check == "first" and self.swaps["checked"] == 0):
+            result["check"] = self.check_swap()
+        result["swap"] = dict(self.swaps)
+        return result
+
+    def check_swap(self) -> dict:
+        """Compare, on every rank, what the engine computes and holds with a fresh load of the
+        weights it serves by vLLM's own loader (see :mod:`.swap_check`); raise
+        :class:`SwapNotFaithful` on any difference, or if a layer holding weights cannot be checked."""
+        from .weight_swap import describe_source
+
+        ranks = self._llm.collective_rpc("expo_check_swap", args=(self.serving,))
+        differ = sorted({d for r in ranks for d in r["differ"]})
+        unprobed = sorted({u for r in ranks for u in r["unprobed"]})
+        what = f"the swap to {describe_source(self.serving)} (checked: {self._why_checked()})"
+        if differ:
+            problem = (f"{what} does not compute what a fresh load of the same weights does: "
+                       f"{len(differ)} difference(s) (first: {differ[0]})")
+        elif unprobed:
+            problem = (f"{what} could not be checked: {len(unprobed)} layer(s) could not be applied "
+                       f"(first: {unprobed[0]})")
+        else:
+            self.swaps["checked"] += 1
+            return {"seconds": max(r["seconds"] for r in ranks), "layers": sum(r["layers"] for r in ranks),
+                    "params": sum(r["params"] for r in ranks)}
+        self.swaps["unfaithful"] = problem
+        raise SwapNotFaithful(problem)
+
+    def _why_checked(self) -> str:
+        if self.swaps["check"] == "every":
+            return "--verify-swap"
+        return (f"{self.swaps['architecture']} at tensor parallel {self.swaps['tensor_parallel_size']} is not proven "
+                "for weight swaps")
+
+    def fingerprints(self) -> list[dict]:
+        """Per rank: what every linear, embedding and MoE layer computes on a fixed input, and the
+        digest of every parameter (see :mod:`.swap_check`); equal for two engines that compute
+        the same thing."""
+        if not self.swappable:
+            raise EngineError(f"the engine for {self.model_path} was started without swappable=True")
+        return sorted(self._llm.collective_rpc("expo_fingerprint"), key=lambda r: r["rank"])
 
     def weight_digests(self) -> list[dict]:
         """Per tensor-parallel rank, the sha256 of each parameter it holds (engines started with

@@ -154,10 +154,13 @@ def iter_weights(source: dict, part_of=None, stats: dict | None = None) -> Itera
         yield name, _placed(bits, dtype, shape, part)
 
 
-def rank_slices(model, rank: int, size: int) -> tuple[Any, list[str]]:
-    """``part_of(checkpoint tensor name)`` for tensor-parallel rank ``rank`` of ``size``: the part
-    of each tensor this rank's vLLM layer keeps (what its weight loader narrows to), and the
-    layer types whose sharding is not known here (their tensors are read whole)."""
+def rank_slices(model, architecture: str) -> tuple[Any, list[str]]:
+    """``part_of(checkpoint tensor name)`` for this tensor-parallel rank: the part of each tensor
+    its vLLM layer keeps (what the layer's weight loader narrows to, by the layer's own
+    ``tp_rank``/``tp_size``: a layer vLLM keeps whole on every rank, ``disable_tp``, is read
+    whole), and the layer types whose sharding is not known here (their tensors are read whole).
+    Only for architectures whose stored tensors are laid out like vLLM's parameters
+    (:data:`.swap_policy.SLICED_READS`); for others every tensor is read whole."""
     from vllm.model_executor.layers.linear import (
         ColumnParallelLinear,
         MergedColumnParallelLinear,
@@ -167,6 +170,10 @@ def rank_slices(model, rank: int, size: int) -> tuple[Any, list[str]]:
     )
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+    from .swap_policy import SLICED_READS
+
+    if architecture not in SLICED_READS:
+        return (lambda name: None), set()
     modules = dict(model.named_modules())
     packed = {sub: (fused, i) for fused, subs in (getattr(model, "packed_modules_mapping", None) or {}).items()
               for i, sub in enumerate(subs)}
@@ -180,7 +187,7 @@ def rank_slices(model, rank: int, size: int) -> tuple[Any, list[str]]:
             if leaf in packed:
                 fused, index = packed[leaf]
                 layer = modules.get(f"{parent}.{fused}" if parent else fused)
-        if layer is None or size == 1:
+        if layer is None:
             return None
         quant = getattr(layer, "quant_method", None)
         if quant is not None and type(quant).__name__ not in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"):
@@ -188,7 +195,11 @@ def rank_slices(model, rank: int, size: int) -> tuple[Any, list[str]]:
             return None
         if isinstance(layer, VocabParallelEmbedding):
             idx = layer.shard_indices
-            return ("rows", idx.org_vocab_start_index, idx.org_vocab_end_index)
+            whole = idx.org_vocab_start_index == 0 and idx.org_vocab_end_index >= layer.org_vocab_size
+            return None if whole else ("rows", idx.org_vocab_start_index, idx.org_vocab_end_index)
+        rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+        if size == 1 or isinstance(layer, ReplicatedLinear) or type(layer).__name__.endswith("Norm"):
+            return None
         if isinstance(layer, RowParallelLinear):
             n = layer.input_size_per_partition
             return ("cols", rank * n, rank * n + n) if param == "weight" else None
@@ -205,12 +216,38 @@ def rank_slices(model, rank: int, size: int) -> tuple[Any, list[str]]:
         if type(layer) is ColumnParallelLinear:
             n = layer.output_size_per_partition
             return ("rows", rank * n, rank * n + n)
-        if isinstance(layer, ReplicatedLinear) or type(layer).__name__.endswith("Norm"):
-            return None
         unknown.add(type(layer).__name__)
         return None
 
     return part_of, unknown
+
+
+def _tied_embeddings(model) -> list:
+    """Embedding-type layers (a tied lm_head and the embedding it shares its weight with) whose
+    kernels keep a copy of a weight another layer also holds: a reload loads the weight through
+    one of them only, so the other's copy must be made again."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    holders: dict[int, list] = {}
+    for layer in model.modules():
+        for param in layer._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(layer)
+    return [layer for group in holders.values() if len(group) > 1 for layer in group
+            if isinstance(layer, VocabParallelEmbedding)]
+
+
+def _fused_moe_methods(model) -> list:
+    return [layer.quant_method for layer in model.modules()
+            if getattr(getattr(layer, "quant_method", None), "moe_kernel", None) is not None]
+
+
+def _architecture(worker) -> str:
+    from .swap_policy import architecture
+
+    hf_config = worker.vllm_config.model_config.hf_config
+    return architecture({"architectures": getattr(hf_config, "architectures", None),
+                         "model_type": getattr(hf_config, "model_type", None)})
 
 
 class WeightSwapExtension:
@@ -218,12 +255,20 @@ class WeightSwapExtension:
 
     def expo_swap_weights(self, source: dict) -> dict:
         """Load the weights ``source`` describes in place; returns what this rank read, computed
-        and loaded."""
+        and loaded.
+
+        vLLM's ``reload_weights`` does the loading (its weight loaders shard for tensor
+        parallelism and run each layer's post-load processing), but two things a fresh load does
+        it skips, and they are redone here: a fused-MoE layer's kernel set-up on a weight update
+        (on CPU the prepacking of the experts: without it the kernel reads checkpoint layout), and
+        the packed copy a tied lm_head's kernel keeps (the head receives no weights of its own).
+        """
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
         began = time.perf_counter()
+        model = self.model_runner.get_model()
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        part_of, unknown = rank_slices(self.model_runner.get_model(), rank, size)
+        part_of, unknown = rank_slices(model, _architecture(self))
         stats = theta.Stats()
         counted = {"tensors": 0, "bytes": 0}
 
@@ -233,16 +278,39 @@ class WeightSwapExtension:
                 counted["bytes"] += tensor.numel() * tensor.element_size()
                 yield name, tensor
 
+        tied = _tied_embeddings(model)
+        for method in _fused_moe_methods(model):
+            method.moe_kernel = None  # the reload then sets the kernel up as the first load did
         try:
             self.reload_weights(weights_iterator=counting())
         except BaseException:
-            _abandon_layerwise_reload(self.model_runner.get_model())
+            _abandon_layerwise_reload(model)
             raise
+        for layer in tied:
+            layer.quant_method.process_weights_after_loading(layer)
         if unknown:
             log.warning("weight swap, rank %d of %d: %s sharding not known here; their tensors were read whole",
                      rank, size, ", ".join(sorted(unknown)))
         return {**counted, **stats, "rank": rank, "seconds": round(time.perf_counter() - began, 3)}
 
+    def expo_check_swap(self, source: dict) -> dict:
+        """Compare what this rank's model computes and holds with a fresh load of ``source`` by
+        vLLM's own loader (see :mod:`.swap_check`)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        from .swap_check import check_against_fresh_load
+
+        result = check_against_fresh_load(self.vllm_config, self.model_runner.get_model(), iter_weights(source))
+        return {**result, "rank": get_tensor_model_parallel_rank()}
+
+    def expo_fingerprint(self) -> dict:
+        """This rank's layer outputs on the fixed input and parameter digests (see :mod:`.swap_check`)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        from .swap_check import fingerprint
+
+        return {**fingerprint(self.model_runner.get_model(), self.vllm_config.model_config.dtype),
+                "rank": get_tensor_model_parallel_rank()}
 
     def expo_param_digests(self) -> dict:
         """sha256 of the bytes of every parameter this rank holds: name -> (dtype, shape, digest)."""
