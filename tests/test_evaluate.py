@@ -59,6 +59,10 @@ def test_generation_scoring_report_and_cache(setting, caplog):
     saved = json.loads((out / "report.json").read_text())
     assert saved["best"]["alpha"] == saved["selection"]["recommended"] == chosen.recommended
     assert f"**Recommended alpha: {chosen.recommended:.3f}**" in (out / "report.md").read_text()
+    # Llama is proven for weight swaps: the models after the first were swapped in, unchecked.
+    swaps = saved["weight_swaps"]
+    assert swaps["used"] and swaps["check"] == "none" and swaps["swaps"] >= 1 and swaps["checked"] == 0, swaps
+    assert "- weight swaps: " in (out / "report.md").read_text()
     rows = [json.loads(line) for line in (out / "responses" / "alpha_0.5.jsonl").read_text().splitlines()]
     assert [r["prompt_id"] for r in rows] == [p.id for p in prompts.prompts]
     assert all(set(r) == {"prompt_id", "prompt", "output", "tokens", "finish_reason", "reward"} for r in rows)
@@ -136,3 +140,57 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted_or_refused(sett
                                         r"\d+ tokens, --max-model-len 256\); raise --max-model-len"):
         evaluate_variants(str(root / "variants"), with_long, str(reward), sampling=SAMPLING, engine=strict,
                           out_uri=str(root / "eval"), include_sft=True)
+
+
+BREAK_TIED_HEADS = '''
+import os
+if os.environ.get("EXPO_RAY_TEST_STALE_TIED_HEADS"):
+    from expo_ray.evaluation.engine import weight_swap
+    weight_swap._tied_embeddings = lambda model: []
+'''
+
+
+def test_an_unfaithful_first_swap_falls_back_to_one_engine_per_model(tmp_path):
+    """`expo-ray evaluate --verify-swap` in its own Ray, whose workers skip the tied-head step
+    (a sitecustomize on their PYTHONPATH): the first swap is caught, one line says why, every
+    model is still evaluated (one engine each) and the report records it; with `--swap` asked
+    for explicitly the same is an error naming --no-swap."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import PROMPTS, build_family_pair, cli_env, error_lines
+
+    from expo_ray.demo.tiny_reward import build_tiny_reward_model
+
+    sft, aligned = build_family_pair(tmp_path / "pair", "llama-tied")
+    extrapolate(str(sft), str(aligned), (0.5, 2.0), str(tmp_path / "variants"), show_progress=False)
+    reward = build_tiny_reward_model(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": p}) for p in PROMPTS))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BREAK_TIED_HEADS)
+    env = cli_env(EXPO_RAY_TEST_STALE_TIED_HEADS="1",
+                  PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    base = [sys.executable, "-m", "expo_ray.cli", "evaluate", "--variants", str(tmp_path / "variants"),
+            "--prompts", str(prompts), "--reward-model", str(reward), "--dtype", "float32",
+            "--max-model-len", "256", "--max-tokens", "8", "--verify-swap", "--cpu"]
+
+    run = subprocess.run([*base, "--eval-out", str(tmp_path / "eval")], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    warned = [line for line in run.stderr.splitlines() if "one engine per model from here on" in line]
+    assert len(warned) == 1 and "difference(s) (first: output of lm_head)" in warned[0], run.stderr[-3000:]
+    assert run.stderr.count("starting the generation engine") == 3  # alpha 0, then 0.5 and 2 on engines of their own
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["alpha_0.0", "alpha_0.5", "alpha_2.0"]
+    assert report["weight_swaps"]["used"] is False and "lm_head" in report["weight_swaps"]["fell_back"]
+    assert "weight swaps: stopped after 0 swap(s)" in (tmp_path / "eval" / "report.md").read_text()
+
+    run = subprocess.run([*base, "--swap", "--eval-out", str(tmp_path / "eval-swap")], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode != 0
+    errors = error_lines(run.stderr)
+    assert len(errors) == 1 and "--swap was asked for; use --no-swap" in errors[0], run.stderr[-3000:]
+    assert not (tmp_path / "eval-swap" / "report.json").exists()
