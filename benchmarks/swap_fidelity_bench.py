@@ -152,7 +152,7 @@ def main() -> None:
         print(f"| {family} | {cell(b['outputs'])} | {cell(b['params'])} | {cell(b['tokens'])} "
               f"| {cell(a['outputs'])} | {cell(a['params'])} | {cell(a['tokens'])} |")
     if price:
-        print(f"\n| weights (GB) | swap (s) | check against a fresh load (s) | check, s per GB | check / swap |")
+        print("\n| weights (GB) | swap (s) | check against a fresh load (s) | check, s per GB | check / swap |")
         print("|---|---|---|---|---|")
         print(f"| {price['gb']:.2f} | {price['swap']:.2f} | {price['check']:.2f} | {price['check'] / price['gb']:.2f} "
               f"| {price['check'] / price['swap']:.1f}x |")
