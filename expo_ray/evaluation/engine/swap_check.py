@@ -166,12 +166,10 @@ def check_against_fresh_load(vllm_config, serving_model, weights: Iterable[tuple
     began = time.perf_counter()
     dtype = vllm_config.model_config.dtype
     serving = fingerprint(serving_model, dtype)
-    reference_model = fresh_model(vllm_config, weights)
     try:
-        reference = fingerprint(reference_model, dtype)
+        reference = fingerprint(fresh_model(vllm_config, weights), dtype)
     finally:
-        del reference_model
-        forget_reference(vllm_config)
+        forget_reference(vllm_config)  # also after a failed load: nothing of the reference stays registered
     return {"differ": compare(serving, reference), "unprobed": serving["unprobed"],
             "layers": len(serving["outputs"]), "params": len(serving["params"]),
             "seconds": round(time.perf_counter() - began, 3)}

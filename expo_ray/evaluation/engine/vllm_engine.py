@@ -456,11 +456,18 @@ class GenerationEngine(_Engine):
         :class:`SwapNotFaithful` on any difference, or if a layer holding weights cannot be checked."""
         from .weight_swap import describe_source
 
-        ranks = self._llm.collective_rpc("expo_check_swap", args=(self.serving,))
+        what = f"the swap to {describe_source(self.serving)} (checked: {self._why_checked()})"
+        try:
+            ranks = self._llm.collective_rpc("expo_check_swap", args=(self.serving,))
+        except Exception as exc:  # noqa: BLE001 - e.g. no room for the second copy the check loads
+            ranks, failed = [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            failed = ""
         differ = sorted({d for r in ranks for d in r["differ"]})
         unprobed = sorted({u for r in ranks for u in r["unprobed"]})
-        what = f"the swap to {describe_source(self.serving)} (checked: {self._why_checked()})"
-        if differ:
+        if failed:
+            problem = f"{what} could not be checked: loading the model again for the comparison failed ({failed})"
+        elif differ:
             problem = (f"{what} does not compute what a fresh load of the same weights does: "
                        f"{len(differ)} difference(s) (first: {differ[0]})")
         elif unprobed:
