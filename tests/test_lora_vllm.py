@@ -120,6 +120,7 @@ def test_search_probes_alphas_as_adapters_on_one_engine(setting, tmp_path):
                           engine=SETTINGS, search=SearchOptions(grid=(0.0, 0.5, 1.5), budget=15, initial_prompts=2))
     assert report["engine_starts"] == 2  # one multi-LoRA engine and one reward engine for the whole search
     assert report["swaps"] == len(report["points"])  # one adapter written per probed alpha
+    assert report["weight_swaps"] is None  # adapters are added to the engine: no weights swapped
     (uri,) = materialize(str(sft), str(adapter), [report["best"]["alpha"]], str(tmp_path), show_progress=False)
     store = open_storage(uri)
     assert verify_variant(store).ok and read_manifest(store)["form"] == "adapter"

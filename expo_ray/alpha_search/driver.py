@@ -198,7 +198,7 @@ def _report(outcome: SearchOutcome, evaluator: _Evaluator, context: dict) -> dic
         "generations": outcome.generations, "budget": outcome.budget,
         "grid_generations": outcome.grid_generations,
         "swaps": len(swaps), "swap_seconds_mean": round(sum(swaps) / len(swaps), 3) if swaps else None,
-        "weight_swaps": {"swaps": len(swaps), **evaluator.swap_record},
+        "weight_swaps": None if evaluator.swap_record is None else {"swaps": len(swaps), **evaluator.swap_record},
         "engines_take_turns": evaluator.time_share, "engine_starts": evaluator.engine_starts,
         "generate_seconds": round(evaluator.generate_seconds, 1),
         "points": points,

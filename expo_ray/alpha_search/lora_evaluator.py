@@ -40,6 +40,7 @@ class LoraEvaluator:
         self.added: set[float] = set()
         self.answers: dict[float, list[dict]] = {}
         self.swap_seconds: list[float] = []   # seconds to write and add each alpha's adapter
+        self.swap_record = None  # adapters are added, no weights are swapped: nothing to prove or check
         self.generate_seconds = 0.0
         if not time_share:
             self._generator(), self._scorer()
