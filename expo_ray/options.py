@@ -280,6 +280,10 @@ class EngineOptions(_Options):
         False, "--fail-on-long-prompts", is_flag=True, spec="fail_on_long_prompts",
         help="Refuse prompts longer than the model's context (default: skip them, counted in the report).")
 
+    def __post_init__(self) -> None:
+        if self.verify_swap and self.swap is False:
+            raise ValueError("--verify-swap checks weight swaps, and --no-swap turns them off: give one of them")
+
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "EngineOptions":
         # On the command line --chat-template names a file; the options hold its text.

@@ -130,6 +130,10 @@ def test_values_an_object_refuses_together_are_a_usage_error(tmp_path):
                                        "--reward-model", str(tmp_path / "rm"), "--top-p", "0"])
     assert result.exit_code == 2 and "top_p must be in (0, 1], got 0.0" in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+    result = CliRunner().invoke(main, ["evaluate", "--variants", str(tmp_path / "v"), "--prompts", str(prompts),
+                                       "--reward-model", str(tmp_path / "rm"), "--no-swap", "--verify-swap"])
+    assert result.exit_code == 2 and "--verify-swap checks weight swaps, and --no-swap turns them off" in result.output
+    assert not (tmp_path / "v").exists()
 
 
 def test_minus_zero_is_zero():

@@ -47,7 +47,7 @@ def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, 
     """
     n_engines = engines.placement.engines if swap else max(1, min(len(todo), engines.engine.max_engines or len(todo)))
     queue, running = list(todo), {}
-    record = {"used": swap, "swaps": 0, "checked": 0, "check": None, "fell_back": None}
+    record = _swap_record(swap)
 
     def start(m: ModelRef):
         return engines.generation(m.uri, m.identity, swappable=record["used"], label=m.label)
@@ -102,6 +102,11 @@ def _generate_all(ray, engines: Engines, todo: list[ModelRef], texts, sampling, 
         for _, actor, _ in running.values():
             ray.kill(actor)
     return record
+
+
+def _swap_record(used: bool) -> dict:
+    """What the report says of weight swaps, before any."""
+    return {"used": used, "swaps": 0, "checked": 0, "check": None, "architecture": None, "fell_back": None}
 
 
 def _note_swap(record: dict, m: ModelRef, info: dict) -> None:
@@ -179,7 +184,7 @@ def evaluate_variants(variants_uri: str, prompts: PromptSet, reward_model: str, 
     ray = ensure_ray(address)
     plan = plan_for(ray, engine, len(todo))
     swap = resolve_swap(engine.swap, installed_version()) if todo else False
-    swaps = {"used": False, "swaps": 0, "checked": 0, "check": None, "fell_back": None}
+    swaps = _swap_record(False)
     engines = Engines(ray, engine, plan, f"{out.uri.rstrip('/')}/logs")
     try:
         if todo:

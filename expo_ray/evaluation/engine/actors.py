@@ -224,8 +224,7 @@ def start_generation_actor(model_uri: str, identity: str | None, engine: EngineO
     template = {"chat_template": engine.chat_template} if engine.chat_template else {}
     return generation_actor().options(**task_options(**placement.actor_options)).remote(
         model_uri, identity, log_uri=log_uri, max_model_len=engine.max_model_len, swappable=swappable,
-        **({"verify_swap": True} if swappable and engine.verify_swap else {}),
-        **_engine_kwargs(placement, engine), **template)
+        verify_swap=engine.verify_swap, **_engine_kwargs(placement, engine), **template)
 
 
 def start_reward_actor(reward_model: str, engine: EngineOptions, placement, log_uri: str | None = None):

@@ -32,9 +32,6 @@ SLICED_READS = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
 })
 
-CHECK_NONE, CHECK_FIRST, CHECK_EVERY = "none", "first", "every"
-
-
 def architecture(config: dict) -> str:
     archs = config.get("architectures") or []
     return str(archs[0]) if archs else str(config.get("model_type") or "unknown")
@@ -44,14 +41,9 @@ def swap_check(config: dict, tensor_parallel_size: int, *, cpu: bool, verify_eve
     """Which swaps of an engine serving a model of ``config`` are checked against a fresh load:
     ``"none"`` (proven), ``"first"`` or ``"every"`` (``--verify-swap``)."""
     if verify_every:
-        return CHECK_EVERY
-    return CHECK_NONE if proven(config, tensor_parallel_size, cpu=cpu) else CHECK_FIRST
+        return "every"
+    return "none" if proven(config, tensor_parallel_size, cpu=cpu) else "first"
 
 
 def proven(config: dict, tensor_parallel_size: int, *, cpu: bool) -> bool:
     return cpu and tensor_parallel_size in PROVEN_ON_CPU.get(architecture(config), ())
-
-
-def proven_text() -> str:
-    """The proven list as one line, for docs and messages."""
-    return ", ".join(f"{a} (TP {'/'.join(map(str, tp))})" for a, tp in PROVEN_ON_CPU.items())

@@ -494,13 +494,6 @@ class GenerationEngine(_Engine):
             raise EngineError(f"the engine for {self.model_path} was started without swappable=True")
         return sorted(self._llm.collective_rpc("expo_fingerprint"), key=lambda r: r["rank"])
 
-    def weight_digests(self) -> list[dict]:
-        """Per tensor-parallel rank, the sha256 of each parameter it holds (engines started with
-        ``swappable=True``): two engines hold the same weights when these are equal."""
-        if not self.swappable:
-            raise EngineError(f"the engine for {self.model_path} was started without swappable=True")
-        return self._llm.collective_rpc("expo_param_digests")
-
     def render(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt as one user message under the model's chat template, with
         the assistant turn opened (``add_generation_prompt=True``)."""

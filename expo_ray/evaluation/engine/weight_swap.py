@@ -312,18 +312,6 @@ class WeightSwapExtension:
         return {**fingerprint(self.model_runner.get_model(), self.vllm_config.model_config.dtype),
                 "rank": get_tensor_model_parallel_rank()}
 
-    def expo_param_digests(self) -> dict:
-        """sha256 of the bytes of every parameter this rank holds: name -> (dtype, shape, digest)."""
-        import hashlib
-
-        import torch
-
-        out = {}
-        for name, param in self.model_runner.get_model().named_parameters():
-            data = param.detach().to("cpu").contiguous().view(torch.uint8)
-            out[name] = (str(param.dtype), tuple(param.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest())
-        return out
-
 
 def _abandon_layerwise_reload(model) -> None:
     """Undo what a failed ``reload_weights`` leaves behind, so that the next reload (of the
